@@ -1,0 +1,1 @@
+"""Range observers and calibration for activation quantizers (imported as ``g2quant.calibration``)."""

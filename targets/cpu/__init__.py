@@ -1,0 +1,1 @@
+"""Bit-packed CPU engine (numpy + numba, no torch)."""
