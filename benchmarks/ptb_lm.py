@@ -1,0 +1,127 @@
+"""PTB "small" (2 x 200, Zaremba et al. 2014): baseline LSTM vs G2-LSTM vs sharpened sigmoid.
+
+Train one model (resumable; checkpoints under --out, which is git-ignored):
+    G2QUANT_DATA=../shared/data python benchmarks/ptb_lm.py train --model g2 --threads 1
+Collect every trained model into benchmarks/results/ptb_small.json and print the Markdown table:
+    G2QUANT_DATA=../shared/data python benchmarks/ptb_lm.py collect
+
+Same seed, schedule and epochs for all three: SGD lr 20 on the per-token mean loss (= lr 1 on
+the loss summed over 20 steps), clip 0.25, batch 20, bptt 20. Zaremba et al. train 13 epochs
+(x0.5 per epoch after epoch 4); on this 2-core machine the default is a compressed schedule of
+6 epochs, x0.5 per epoch after epoch 2 (--epochs 13 --decay-after 4 gives the original). Test perplexity: batch 10, bptt 35, hidden state carried across batches.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from g2quant.checkpoint import load_model
+from g2quant.data.ptb import load_ptb
+from g2quant.evaluate import lm_perplexity
+from g2quant.models import LMConfig, WordLM
+from g2quant.nn import GateRecorder
+from g2quant.train import TrainConfig, train_lm
+
+ROOT = Path(__file__).resolve().parent.parent
+MODELS = {  # name -> LMConfig overrides (tau from the paper)
+    "baseline": dict(gates="sigmoid"),
+    "g2": dict(gates="gumbel", tau=0.9, noise_p=1.0),
+    "sharpened": dict(gates="sharpened", tau=0.2),
+}
+
+
+def evaluate_model(name: str, ckpt: Path, corpus, img_dir: Path) -> dict:
+    model, record = load_model(ckpt)
+    res = {"model": name, "config": record["config"], "epochs": record["epoch"] + 1,
+           "history": record["history"]}
+    res["valid_ppl"] = lm_perplexity(model, corpus.valid)["ppl"]
+    test = lm_perplexity(model, corpus.test)
+    res["test_ppl"] = test["ppl"]
+    res["eval"] = {"batch_size": test["batch_size"], "bptt": test["bptt"]}
+    with GateRecorder(model) as rec:
+        lm_perplexity(model, corpus.valid)
+    res["gate_saturation_valid"] = rec.stats.summary()
+    img_dir.mkdir(parents=True, exist_ok=True)
+    rec.stats.plot(img_dir / f"gates_ptb_small_{name}.png", title=f"PTB small, {name}: gate values on valid")
+    for hard in ("if", "ifo"):
+        model.rnn.hard_gates = frozenset(hard)
+        res[f"test_ppl_hard_{hard}"] = lm_perplexity(model, corpus.test)["ppl"]
+    model.rnn.hard_gates = frozenset()
+    return res
+
+
+def cmd_train(args) -> int:
+    torch.set_num_threads(args.threads)
+    corpus = load_ptb(args.data_dir)
+    tcfg = TrainConfig(epochs=args.epochs, decay_after=args.decay_after, seed=args.seed)
+    out = Path(args.out) / args.model
+    torch.manual_seed(args.seed)
+    model = WordLM(LMConfig.preset("small", vocab_size=len(corpus.vocab), **MODELS[args.model]))
+    t0 = time.time()
+    resume = (out / "last.safetensors").exists()
+    r = train_lm(model, corpus.train, corpus.valid, tcfg, out, resume=resume, progress=not args.quiet)
+    wall = time.time() - t0
+    res = evaluate_model(args.model, out / "best.safetensors", corpus, ROOT / "docs" / "img")
+    res["train_wall_seconds_this_run"] = wall
+    res["train_seconds_total"] = sum(h["seconds"] for h in r.history)
+    res["threads"] = args.threads
+    res["train_config"] = {k: getattr(tcfg, k) for k in tcfg.__dataclass_fields__}
+    (out / "result.json").write_text(json.dumps(res, indent=1))
+    print(json.dumps({k: res[k] for k in ("model", "valid_ppl", "test_ppl", "test_ppl_hard_if")}, indent=1))
+    return 0
+
+
+def cmd_collect(args) -> int:
+    rows = []
+    for name in MODELS:
+        p = Path(args.out) / name / "result.json"
+        if p.exists():
+            rows.append(json.loads(p.read_text()))
+    if not rows:
+        print(f"no results under {args.out}; run `train` first", file=sys.stderr)
+        return 1
+    results = {"benchmark": "ptb_small", "command": "python benchmarks/ptb_lm.py train --model M; "
+               "python benchmarks/ptb_lm.py collect", "machine": platform.processor() or platform.machine(),
+               "torch": torch.__version__, "models": rows}
+    dest = ROOT / "benchmarks" / "results" / "ptb_small.json"
+    dest.write_text(json.dumps(results, indent=1))
+    print("| model | epochs | valid ppl | test ppl | test ppl, hard i,f | test ppl, hard i,f,o | "
+          "i <0.1/>0.9 (l0) | f <0.1/>0.9 (l0) | train time |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        s = r["gate_saturation_valid"]
+        gi, gf = s["l0.i"], s["l0.f"]
+        print(f"| {r['model']} | {r['epochs']} | {r['valid_ppl']:.1f} | {r['test_ppl']:.1f} | "
+              f"{r['test_ppl_hard_if']:.1f} | {r['test_ppl_hard_ifo']:.1f} | "
+              f"{gi['below_0.1']:.0%} / {gi['above_0.9']:.0%} | {gf['below_0.1']:.0%} / {gf['above_0.9']:.0%} | "
+              f"{r['train_seconds_total'] / 60:.0f} min ({r['threads']} thread) |")
+    print(f"\nwrote {dest}")
+    return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train")
+    t.add_argument("--model", choices=sorted(MODELS), required=True)
+    t.add_argument("--epochs", type=int, default=6)
+    t.add_argument("--decay-after", type=int, default=2)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--threads", type=int, default=1)
+    t.add_argument("--quiet", action="store_true")
+    c = sub.add_parser("collect")
+    for p in (t, c):
+        p.add_argument("--out", default=str(ROOT / "runs" / "ptb_small"))
+        p.add_argument("--data-dir", default=None)
+    args = ap.parse_args(argv)
+    return cmd_train(args) if args.cmd == "train" else cmd_collect(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

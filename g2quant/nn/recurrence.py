@@ -1,0 +1,138 @@
+"""The LSTM recurrence as one autograd function with a hand-written backward pass (BPTT).
+
+Recording every per-step op on the autograd tape costs more than the arithmetic at the sizes
+LSTMs are trained at on CPU; here the forward loop records nothing and the backward loop is
+explicit, so a Python-level G2-LSTM trains within a small factor of the fused
+``torch.nn.LSTM`` kernel.
+
+Internally the gate columns are ordered (i, f, o, g) so that the three sigmoid gates are one
+contiguous block. Inputs arrive already scaled (temperature, Gumbel noise folded in by the
+caller, once per sequence), so one step is
+
+* ``z = zx[t] + h_{t-1} W_zᵀ``  (``zx`` = scaled input projection incl. biases and noise)
+* ``i, f, o = sigmoid(z[:, :3H])`` (``1[z > 0]`` for hard gates, straight-through), ``g = tanh(z[:, 3H:])``
+* ``c_t = f c_{t-1} + i g``, ``h_t = o tanh(c_t)``
+
+``quant_h`` fake-quantizes ``h_{t-1}`` (symmetric int8 per row) before the recurrent product,
+with an identity straight-through gradient (per-row max scaling never clips).
+"""
+from __future__ import annotations
+
+import torch
+
+ACT_QMAX = 127.0
+
+def to_ifog(w: torch.Tensor, hidden: int) -> torch.Tensor:
+    """Reorder gate blocks along dim 0 from torch.nn.LSTM's (i, f, g, o) to (i, f, o, g).
+
+    Built from slices and ``cat`` so that the backward pass is cheap slicing too."""
+    H = hidden
+    return torch.cat([w[:2 * H], w[3 * H:], w[2 * H:3 * H]])
+
+
+def fake_quant_act(x: torch.Tensor) -> torch.Tensor:
+    """Dynamic symmetric int8 fake quantization of each row (last dim): ``s = max|x|/127``."""
+    s = x.detach().abs().amax(dim=-1, keepdim=True) / ACT_QMAX
+    s = torch.where(s > 0, s, torch.ones_like(s))
+    return torch.round(x / s).clamp_(-ACT_QMAX, ACT_QMAX) * s
+
+
+class _STEActQuant(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return fake_quant_act(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+def act_quant_ste(x: torch.Tensor) -> torch.Tensor:
+    """``fake_quant_act`` with an identity (straight-through) gradient."""
+    return _STEActQuant.apply(x)
+
+
+class LSTMRecurrence(torch.autograd.Function):
+    """out [T,B,H], h_T, c_T, gates [T,B,3H] = f(zx [T,B,4H], w_z [4H,H], h0, c0, hard_cols, quant_h)."""
+
+    @staticmethod
+    def forward(ctx, zx, w_z, h0, c0, hard_cols, quant_h):
+        T, B, G = zx.shape
+        H = G // 4
+        H3 = 3 * H
+        w_t = w_z.t()
+        act = zx.new_empty(T, B, G)          # sigmoid/tanh outputs (soft, for the backward)
+        gates = act if hard_cols is None else zx.new_empty(T, B, H3)
+        c_all = zx.new_empty(T + 1, B, H)
+        tc_all = zx.new_empty(T, B, H)
+        hin_all = zx.new_empty(T, B, H)      # h_{t-1} as used in the product (quantized if quant_h)
+        out = zx.new_empty(T, B, H)
+        c_all[0] = c0
+        h = h0
+        # per-step views, made once (unbind is far cheaper than Python indexing inside the loop)
+        zx_t, hin_t, c_t, tc_t, out_t = (v.unbind(0) for v in (zx, hin_all, c_all, tc_all, out))
+        sig_t, tanh_t = act[..., :H3].unbind(0), act[..., H3:].unbind(0)
+        gate_t = sig_t if hard_cols is None else gates.unbind(0)
+        for t in range(T):
+            hin = hin_t[t]
+            hin.copy_(fake_quant_act(h) if quant_h else h)
+            z = torch.addmm(zx_t[t], hin, w_t)
+            s, g = sig_t[t], tanh_t[t]
+            torch.sigmoid(z[:, :H3], out=s)
+            torch.tanh(z[:, H3:], out=g)
+            gv = gate_t[t]
+            if hard_cols is not None:
+                torch.where(hard_cols, (s > 0.5).to(s.dtype), s, out=gv)
+            c = c_t[t + 1]
+            torch.mul(gv[:, H:2 * H], c_t[t], out=c)
+            c.addcmul_(gv[:, :H], g)
+            torch.tanh(c, out=tc_t[t])
+            h = torch.mul(gv[:, 2 * H:], tc_t[t], out=out_t[t])
+        ctx.save_for_backward(w_z, act, gates, c_all, tc_all, hin_all)
+        ctx.mark_non_differentiable(gates)
+        return out, h.clone(), c_all[T].clone(), gates if hard_cols is not None else act[..., :H3]
+
+    @staticmethod
+    def backward(ctx, d_out, d_hT, d_cT, _d_gates):
+        w_z, act, gates, c_all, tc_all, hin_all = ctx.saved_tensors
+        T, B, G = act.shape
+        H = G // 4
+        H3 = 3 * H
+        zeros = lambda: act.new_zeros(B, H)  # noqa: E731
+        dh = d_hT.clone() if d_hT is not None else zeros()
+        dc = d_cT.clone() if d_cT is not None else zeros()
+        # local derivatives of every column, vectorized over all steps
+        dact = torch.empty_like(act)
+        torch.mul(act[..., :H3], 1.0 - act[..., :H3], out=dact[..., :H3])
+        torch.sub(1.0, act[..., H3:] * act[..., H3:], out=dact[..., H3:])
+        one_m_tc2 = 1.0 - tc_all * tc_all
+        dz_all = torch.empty_like(act)
+        gate_t = (act[..., :H3] if gates is act else gates).unbind(0)
+        g_t, c_t, tc_t, dact_t, omt_t = (v.unbind(0) for v in (act[..., H3:], c_all, tc_all, dact, one_m_tc2))
+        dz_t = dz_all.unbind(0)
+        d_out_t = d_out.unbind(0) if d_out is not None else None
+        for t in range(T - 1, -1, -1):
+            if d_out_t is not None:
+                dh = dh + d_out_t[t]
+            gv = gate_t[t]
+            dc = dc.addcmul(dh * gv[:, 2 * H:], omt_t[t])
+            dz = dz_t[t]
+            torch.mul(dc, g_t[t], out=dz[:, :H])
+            torch.mul(dc, c_t[t], out=dz[:, H:2 * H])
+            torch.mul(dh, tc_t[t], out=dz[:, 2 * H:H3])
+            torch.mul(dc, gv[:, :H], out=dz[:, H3:])
+            dz.mul_(dact_t[t])
+            dc = dc * gv[:, H:2 * H]
+            dh = dz @ w_z
+        d_w = dz_all.reshape(T * B, G).t() @ hin_all.reshape(T * B, H)
+        return dz_all, d_w, dh, dc, None, None
+
+
+def recurrence(zx, w_z, h0, c0, *, hard_cols=None, quant_h=False):
+    """Run the recurrence (see module docstring) over inputs in internal (i, f, o, g) order.
+
+    Returns ``(out [T,B,H], h_T, c_T, gates [T,B,3H])`` where ``gates`` holds the i, f, o values
+    used in the forward pass (non-differentiable; for statistics). ``hard_cols`` is a bool
+    ``[3H]`` mask of the i/f/o columns evaluated as ``1[z > 0]``.
+    """
+    return LSTMRecurrence.apply(zx, w_z, h0, c0, hard_cols, bool(quant_h))

@@ -1,0 +1,151 @@
+"""Training loops: word-level LM with truncated BPTT, checkpoints every epoch, resume.
+
+The loss is the per-token mean cross-entropy, so the classic Zaremba et al. settings (lr 1,
+clip 5 on a loss summed over 20 steps) become lr ≈ 20, clip ≈ 0.25 here.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .evaluate import batchify, detach_hidden, lm_perplexity
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 13
+    lr: float = 20.0
+    lr_decay: float = 0.5          # multiply lr by this every epoch after `decay_after`
+    decay_after: int = 4           # epochs at full lr (Zaremba small: 4)
+    batch_size: int = 20
+    bptt: int = 20
+    clip: float = 0.25
+    eval_batch_size: int = 10
+    eval_bptt: int = 35
+    seed: int = 0
+    time_budget: float | None = None   # seconds; stop early (for demos), checkpoint what was done
+    max_batches: int | None = None     # per epoch; for tests and demos
+
+    def __post_init__(self):
+        checks = {"epochs": self.epochs >= 1, "lr": self.lr > 0, "lr_decay": 0 < self.lr_decay <= 1,
+                  "decay_after": self.decay_after >= 0, "batch_size": self.batch_size >= 1,
+                  "bptt": self.bptt >= 1, "clip": self.clip > 0, "eval_batch_size": self.eval_batch_size >= 1,
+                  "eval_bptt": self.eval_bptt >= 1}
+        for name, ok in checks.items():
+            if not ok:
+                raise ValueError(f"TrainConfig.{name} has an invalid value: {getattr(self, name)!r}")
+
+    def lr_at(self, epoch: int) -> float:
+        """Learning rate for 0-based ``epoch``."""
+        return self.lr * self.lr_decay ** max(0, epoch + 1 - self.decay_after)
+
+
+@dataclass
+class TrainResult:
+    history: list = field(default_factory=list)   # one dict per epoch
+    best_valid_ppl: float = math.inf
+    checkpoint: str = ""
+    stopped_early: bool = False
+
+
+def _record(kind: str, model, tcfg: TrainConfig, epoch: int, history: list, extra: dict) -> dict:
+    rec = {"kind": kind, "train_config": asdict(tcfg), "epoch": epoch, "history": history, **extra}
+    if hasattr(model, "config") and hasattr(model.config, "to_dict"):
+        rec["config"] = model.config.to_dict()
+    return rec
+
+
+def train_lm(model: nn.Module, train_data, valid_data, tcfg: TrainConfig, out_dir: str | os.PathLike, *,
+             resume: bool = False, progress: bool = True, kind: str = "word_lm",
+             record_extra: dict | None = None, log=print) -> TrainResult:
+    """Train ``model`` (``forward(tokens [T,B], hidden) -> (logits, hidden)``) on a token stream.
+
+    Writes ``out_dir/last.safetensors`` after every epoch and ``out_dir/best.safetensors`` when
+    validation perplexity improves (both atomic), plus ``out_dir/history.json``. With
+    ``resume=True`` the model, epoch counter and history are restored from ``last.safetensors``
+    and training continues with the next epoch (each epoch reseeds from ``seed + epoch``, so
+    a resumed run equals an uninterrupted one).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    last, best = out / "last.safetensors", out / "best.safetensors"
+    extra = dict(record_extra or {})
+    result = TrainResult(checkpoint=str(last))
+    start_epoch = 0
+    if resume:
+        if not last.exists():
+            raise FileNotFoundError(f"--resume: no checkpoint at {last} (start without --resume)")
+        state, rec = load_checkpoint(last)
+        model.load_state_dict(state)
+        start_epoch = rec["epoch"] + 1
+        result.history = rec.get("history", [])
+        result.best_valid_ppl = min([h["valid_ppl"] for h in result.history] or [math.inf])
+        log(f"resumed from {last}: {start_epoch} epoch(s) done")
+        if start_epoch >= tcfg.epochs:
+            log("nothing to do: all epochs are done")
+            return result
+
+    streams = batchify(train_data, tcfg.batch_size)
+    n_batches = (streams.size(0) - 1 + tcfg.bptt - 1) // tcfg.bptt
+    if tcfg.max_batches:
+        n_batches = min(n_batches, tcfg.max_batches)
+    t_start = time.time()
+    for epoch in range(start_epoch, tcfg.epochs):
+        torch.manual_seed(tcfg.seed + epoch)
+        lr = tcfg.lr_at(epoch)
+        model.train()
+        hidden = None
+        total_loss, total_tokens = 0.0, 0
+        t0 = time.time()
+        batches = range(n_batches)
+        bar = None
+        if progress:
+            from tqdm import tqdm
+            batches = bar = tqdm(batches, desc=f"epoch {epoch + 1}/{tcfg.epochs}", leave=False)
+        for b in batches:
+            i = b * tcfg.bptt
+            seq = min(tcfg.bptt, streams.size(0) - 1 - i)
+            x, y = streams[i:i + seq], streams[i + 1:i + 1 + seq]
+            hidden = detach_hidden(hidden)
+            logits, hidden = model(x, hidden)
+            loss = nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
+            model.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), tcfg.clip)
+            with torch.no_grad():
+                for p in model.parameters():
+                    if p.grad is not None:
+                        p.add_(p.grad, alpha=-lr)
+            total_loss += loss.item() * y.numel()
+            total_tokens += y.numel()
+            if bar is not None and b % 50 == 0:
+                bar.set_postfix(ppl=f"{math.exp(total_loss / total_tokens):.1f}", lr=f"{lr:g}")
+            if tcfg.time_budget and time.time() - t_start > tcfg.time_budget:
+                result.stopped_early = True
+                break
+        if bar is not None:
+            bar.close()
+        train_ppl = math.exp(total_loss / max(total_tokens, 1))
+        valid = lm_perplexity(model, valid_data, batch_size=tcfg.eval_batch_size, bptt=tcfg.eval_bptt)
+        entry = {"epoch": epoch + 1, "lr": lr, "train_ppl": train_ppl, "valid_ppl": valid["ppl"],
+                 "seconds": time.time() - t0, "tokens": total_tokens}
+        result.history.append(entry)
+        log(f"epoch {epoch + 1:3d} | lr {lr:7.4f} | train ppl {train_ppl:8.2f} | valid ppl {valid['ppl']:8.2f} "
+            f"| {entry['seconds']:.0f}s")
+        save_checkpoint(last, model, _record(kind, model, tcfg, epoch, result.history, extra))
+        if valid["ppl"] < result.best_valid_ppl:
+            result.best_valid_ppl = valid["ppl"]
+            save_checkpoint(best, model, _record(kind, model, tcfg, epoch, result.history, extra))
+        (out / "history.json").write_text(json.dumps(result.history, indent=1))
+        if result.stopped_early:
+            log(f"time budget of {tcfg.time_budget:.0f}s reached; stopped after {epoch + 1} epoch(s)")
+            break
+    return result

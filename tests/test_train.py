@@ -1,0 +1,120 @@
+"""Training loop, checkpoints, resume, evaluation and the CLI on a tiny generated corpus."""
+import json
+
+import pytest
+import torch
+
+from g2quant.checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
+from g2quant.cli import main
+from g2quant.data.synthetic import synthetic_corpus
+from g2quant.evaluate import lm_perplexity
+from g2quant.models import LMConfig, WordLM
+from g2quant.train import TrainConfig, train_lm
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return synthetic_corpus(n_train=3000, n_valid=200, n_test=200)
+
+
+def _model(corpus, **kw):
+    torch.manual_seed(0)
+    return WordLM(LMConfig(vocab_size=len(corpus.vocab), emb_size=24, hidden_size=24, gates="gumbel", **kw))
+
+
+TCFG = TrainConfig(epochs=2, lr=10.0, batch_size=10, bptt=10, max_batches=60, decay_after=10)
+
+
+def test_training_lowers_perplexity(corpus, tmp_path):
+    m = _model(corpus)
+    before = lm_perplexity(m, corpus.valid)["ppl"]
+    r = train_lm(m, corpus.train, corpus.valid, TCFG, tmp_path, progress=False, log=lambda s: None)
+    after = lm_perplexity(m, corpus.valid)["ppl"]
+    assert after < 0.75 * before, (before, after)   # untrained: ~vocab size (59)
+    assert [h["epoch"] for h in r.history] == [1, 2]
+    assert (tmp_path / "last.safetensors").exists() and (tmp_path / "best.safetensors").exists()
+    assert json.loads((tmp_path / "history.json").read_text())[-1]["valid_ppl"] == pytest.approx(after, rel=1e-4)
+
+
+def test_checkpoint_round_trip_including_tied(corpus, tmp_path):
+    for tied in (False, True):
+        m = _model(corpus, tied=tied)
+        path = save_checkpoint(tmp_path / f"m{tied}.safetensors", m, {"kind": "word_lm", "config": m.config.to_dict(),
+                                                                       "epoch": 0, "history": []})
+        m2, rec = load_model(path)
+        assert rec["config"]["tied"] is tied
+        for (k, a), (_, b) in zip(m.state_dict().items(), m2.state_dict().items()):
+            torch.testing.assert_close(a, b, atol=0, rtol=0, msg=k)
+        if tied:
+            assert m2.decoder.weight.data_ptr() == m2.embedding.weight.data_ptr()
+        x = torch.randint(0, len(corpus.vocab), (5, 2))
+        m.eval()
+        torch.testing.assert_close(m(x)[0], m2(x)[0])
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_resume_continues_where_it_stopped(corpus, tmp_path):
+    full = _model(corpus)
+    train_lm(full, corpus.train, corpus.valid, TCFG, tmp_path / "full", progress=False, log=lambda s: None)
+    part = _model(corpus)
+    one = TrainConfig(**{**TCFG.__dict__, "epochs": 1})
+    train_lm(part, corpus.train, corpus.valid, one, tmp_path / "part", progress=False, log=lambda s: None)
+    fresh = _model(corpus)   # as if the process was killed and restarted
+    r = train_lm(fresh, corpus.train, corpus.valid, TCFG, tmp_path / "part", resume=True, progress=False,
+                 log=lambda s: None)
+    assert [h["epoch"] for h in r.history] == [1, 2]
+    for (k, a), (_, b) in zip(full.state_dict().items(), fresh.state_dict().items()):
+        torch.testing.assert_close(b, a, msg=k)
+
+
+def test_damaged_checkpoints_fail_clearly(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "none.safetensors")
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x00\x01not a checkpoint")
+    with pytest.raises(CheckpointError, match="unreadable"):
+        load_checkpoint(bad)
+    from safetensors.torch import save_file
+    save_file({"x": torch.zeros(2)}, str(tmp_path / "plain.safetensors"))
+    with pytest.raises(CheckpointError, match="not a g2quant checkpoint"):
+        load_checkpoint(tmp_path / "plain.safetensors")
+
+
+def test_train_config_validation():
+    with pytest.raises(ValueError, match="TrainConfig.lr"):
+        TrainConfig(lr=0)
+    with pytest.raises(ValueError, match="tied weights need"):
+        LMConfig(emb_size=10, hidden_size=12, tied=True)
+    assert TrainConfig(lr=20, decay_after=4, lr_decay=0.5).lr_at(5) == 20 * 0.25
+
+
+def test_cli_train_eval_resume(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train-lm", "--data", "synthetic", "--preset", "tiny", "--epochs", "1", "--max-batches", "20",
+            "--batch-size", "8", "--bptt", "8", "--out", str(out), "--quiet", "--threads", "1"]
+    assert main(args) == 0
+    assert main(["eval-lm", str(out), "--data", "synthetic", "--split", "valid", "--quiet", "--hard-gates", "if"]) == 0
+    text = capsys.readouterr().out
+    assert "perplexity" in text and "batch size 10, bptt 35" in text and "hard gates: fi" in text
+    args[args.index("--epochs") + 1] = "2"
+    assert main(args + ["--resume"]) == 0
+    assert "resumed from" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv,code,message", [
+    (["train-lm", "--epochs", "0", "--out", "x"], 2, "expected a positive integer"),
+    (["train-lm", "--gates", "binary", "--out", "x"], 2, "invalid choice"),
+    (["train-lm", "--data", "synthetic", "--preset", "tiny", "--out", "{tmp}/r", "--resume"], 2, "no checkpoint"),
+    (["eval-lm", "{tmp}/missing", "--data", "synthetic"], 2, "does not exist"),
+    (["eval-lm", "x", "--hard-gates", "iz"], 2, "--hard-gates may contain only"),
+    (["train-lm", "--data", "ptb", "--data-dir", "{tmp}/nodata", "--out", "x"], 2, "does not exist"),
+    (["no-such-command"], 2, "invalid choice"),
+])
+def test_cli_errors(argv, code, message, tmp_path, capsys):
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    try:
+        rc = main(argv)
+    except SystemExit as exc:   # argparse errors
+        rc = exc.code
+    assert rc == code
+    assert message in capsys.readouterr().err
