@@ -127,24 +127,28 @@ class G2LSTM(nn.Module):
             s += ", bidirectional=True"
         return s
 
-    # -- weights seen by the recurrence (QuantG2LSTM overrides these to fake-quantize once per forward)
+    # -- hooks the quantized layer (g2quant.nn.qmodules.QuantG2LSTM) overrides -----------------
     def layer_weights(self, layer: int, direction: int):
+        """``(w_ih, w_hh, b_ih, b_hh)`` used by one forward pass (biases None without bias)."""
         names = self._flat_names[layer * (2 if self.bidirectional else 1) + direction]
-        w_ih, w_hh = getattr(self, names[0]), getattr(self, names[1])
-        b = getattr(self, names[2]) + getattr(self, names[3]) if self.bias else None
-        return w_ih, w_hh, b
+        ws = [getattr(self, n) for n in names]
+        return (ws[0], ws[1], ws[2], ws[3]) if self.bias else (ws[0], ws[1], None, None)
 
     def input_transform(self, x: torch.Tensor, layer: int) -> torch.Tensor:
-        """Hook applied to each layer's input before its projection (identity here)."""
+        """Applied to each layer's input before its projection (identity here)."""
         return x
 
-    quant_h = False  # fake-quantize h before the recurrent product (set by the quantized layer)
+    def observe_output(self, out: torch.Tensor, layer: int) -> None:
+        """Called with each layer's output sequence (the h values) when ``h_quant`` is set."""
+
+    def h_quant(self, layer: int):
+        """None, "dynamic" or a fixed scale tensor: how h is quantized before W_hh."""
+        return None
 
     def _can_use_fused(self) -> bool:
         mode_is_plain = self.gates == "sigmoid" or (self.gates == "gumbel" and not self.training)
         return (mode_is_plain and not self.hard_gates and self.gate_recorder is None
-                and not self.quant_h and type(self).layer_weights is G2LSTM.layer_weights
-                and type(self).input_transform is G2LSTM.input_transform)
+                and self.h_quant(0) is None and type(self).input_transform is G2LSTM.input_transform)
 
     def _column_setup(self, dtype, device):
         """Per-column scale and hard mask in the internal (i, f, o, g) order, and the gates
@@ -197,7 +201,9 @@ class G2LSTM(nn.Module):
             hx = (h0, c0)
 
         if self._can_use_fused():
-            params = [getattr(self, n) for names in self._flat_names for n in names]
+            num_dir = 2 if self.bidirectional else 1
+            params = [w for layer in range(self.num_layers) for d in range(num_dir)
+                      for w in self.layer_weights(layer, d) if w is not None]
             out, h_n, c_n = torch._VF.lstm(x, hx, params, self.bias, self.num_layers, self.dropout,
                                            self.training, self.bidirectional, False)
         else:
@@ -224,7 +230,8 @@ class G2LSTM(nn.Module):
             inp = self.input_transform(layer_in, layer)
             outs = []
             for d in range(num_dir):
-                w_ih, w_hh, b = self.layer_weights(layer, d)
+                w_ih, w_hh, b_ih, b_hh = self.layer_weights(layer, d)
+                b = None if b_ih is None else b_ih + b_hh
                 seq = inp if d == 0 else inp.flip(0)
                 # fold gate order, temperature and noise into the per-sequence inputs, once
                 w_zx, w_z = to_ifog(w_ih, H), to_ifog(w_hh, H)
@@ -236,7 +243,10 @@ class G2LSTM(nn.Module):
                 if noise_gates:
                     zx = self._add_noise(zx, noise_gates, scale)
                 k = layer * num_dir + d
-                out, h, c, gates = recurrence(zx, w_z, hx[0][k], hx[1][k], hard_cols=hard, quant_h=self.quant_h)
+                hq = self.h_quant(layer)
+                out, h, c, gates = recurrence(zx, w_z, hx[0][k], hx[1][k], hard_cols=hard, quant_h=hq)
+                if hq is not None:
+                    self.observe_output(out.detach(), layer)
                 if self.gate_recorder is not None:
                     self.gate_recorder.observe(self, layer, gates)
                 outs.append(out if d == 0 else out.flip(0))

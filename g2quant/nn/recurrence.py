@@ -13,8 +13,9 @@ caller, once per sequence), so one step is
 * ``i, f, o = sigmoid(z[:, :3H])`` (``1[z > 0]`` for hard gates, straight-through), ``g = tanh(z[:, 3H:])``
 * ``c_t = f c_{t-1} + i g``, ``h_t = o tanh(c_t)``
 
-``quant_h`` fake-quantizes ``h_{t-1}`` (symmetric int8 per row) before the recurrent product,
-with an identity straight-through gradient (per-row max scaling never clips).
+``quant_h`` ("dynamic" or a fixed scale) fake-quantizes ``h_{t-1}`` to int8 before the recurrent
+product, with an identity straight-through gradient (|h| < 1, so neither mode clips it in
+practice).
 """
 from __future__ import annotations
 
@@ -30,26 +31,36 @@ def to_ifog(w: torch.Tensor, hidden: int) -> torch.Tensor:
     return torch.cat([w[:2 * H], w[3 * H:], w[2 * H:3 * H]])
 
 
-def fake_quant_act(x: torch.Tensor) -> torch.Tensor:
-    """Dynamic symmetric int8 fake quantization of each row (last dim): ``s = max|x|/127``."""
-    s = x.detach().abs().amax(dim=-1, keepdim=True) / ACT_QMAX
-    s = torch.where(s > 0, s, torch.ones_like(s))
+def fake_quant_act(x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Symmetric int8 fake quantization. Dynamic (``scale=None``): one scale per row (last dim),
+    ``s = max|x| / 127`` (1 for an all-zero row). Static: the given per-tensor ``scale``."""
+    if scale is None:
+        s = x.detach().abs().amax(dim=-1, keepdim=True) / ACT_QMAX
+        s = torch.where(s > 0, s, torch.ones_like(s))
+    else:
+        s = scale
     return torch.round(x / s).clamp_(-ACT_QMAX, ACT_QMAX) * s
 
 
 class _STEActQuant(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x):
-        return fake_quant_act(x)
+    def forward(ctx, x, scale):
+        y = fake_quant_act(x, scale)
+        if scale is not None:   # static range: no gradient where the input was clipped
+            ctx.save_for_backward((x.abs() <= scale * ACT_QMAX))
+        return y
 
     @staticmethod
     def backward(ctx, grad):
-        return grad
+        if ctx.saved_tensors:
+            grad = grad * ctx.saved_tensors[0]
+        return grad, None
 
 
-def act_quant_ste(x: torch.Tensor) -> torch.Tensor:
-    """``fake_quant_act`` with an identity (straight-through) gradient."""
-    return _STEActQuant.apply(x)
+def act_quant_ste(x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``fake_quant_act`` with a straight-through gradient (identity; zero where a static
+    range clipped the input)."""
+    return _STEActQuant.apply(x, scale)
 
 
 class LSTMRecurrence(torch.autograd.Function):
@@ -57,6 +68,7 @@ class LSTMRecurrence(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, zx, w_z, h0, c0, hard_cols, quant_h):
+        h_scale = quant_h if isinstance(quant_h, torch.Tensor) else None
         T, B, G = zx.shape
         H = G // 4
         H3 = 3 * H
@@ -75,7 +87,7 @@ class LSTMRecurrence(torch.autograd.Function):
         gate_t = sig_t if hard_cols is None else gates.unbind(0)
         for t in range(T):
             hin = hin_t[t]
-            hin.copy_(fake_quant_act(h) if quant_h else h)
+            hin.copy_(h if quant_h is None else fake_quant_act(h, h_scale))
             z = torch.addmm(zx_t[t], hin, w_t)
             s, g = sig_t[t], tanh_t[t]
             torch.sigmoid(z[:, :H3], out=s)
@@ -128,11 +140,11 @@ class LSTMRecurrence(torch.autograd.Function):
         return dz_all, d_w, dh, dc, None, None
 
 
-def recurrence(zx, w_z, h0, c0, *, hard_cols=None, quant_h=False):
+def recurrence(zx, w_z, h0, c0, *, hard_cols=None, quant_h=None):
     """Run the recurrence (see module docstring) over inputs in internal (i, f, o, g) order.
 
     Returns ``(out [T,B,H], h_T, c_T, gates [T,B,3H])`` where ``gates`` holds the i, f, o values
     used in the forward pass (non-differentiable; for statistics). ``hard_cols`` is a bool
     ``[3H]`` mask of the i/f/o columns evaluated as ``1[z > 0]``.
     """
-    return LSTMRecurrence.apply(zx, w_z, h0, c0, hard_cols, bool(quant_h))
+    return LSTMRecurrence.apply(zx, w_z, h0, c0, hard_cols, quant_h)
