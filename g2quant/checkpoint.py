@@ -78,6 +78,11 @@ def load_model(path: str | os.PathLike):
     if kind == "word_lm":
         from .models.lm import LMConfig, WordLM
         model = WordLM(LMConfig.from_dict(record["config"]))
+    elif kind == "quantized_word_lm":
+        from .api import QuantConfig, quantize
+        from .models.lm import LMConfig, WordLM
+        model = quantize(WordLM(LMConfig.from_dict(record["config"])),
+                         config=QuantConfig.from_dict(record["quant_config"]))
     else:
         raise CheckpointError(f"{path}: unknown model kind {kind!r}")
     model.load_state_dict(state)

@@ -70,7 +70,7 @@ def cmd_train_lm(args) -> int:
           f"on {args.data}: {len(corpus.train):,} tokens, {tcfg.epochs} epochs -> {args.out}")
     try:
         result = train_lm(model, corpus.train, corpus.valid, tcfg, args.out, resume=args.resume,
-                          progress=not args.quiet)
+                          progress=not args.quiet, record_extra={"data": args.data})
     except FileNotFoundError as exc:
         raise CLIError(str(exc)) from exc
     print(f"best valid ppl {result.best_valid_ppl:.2f}; checkpoints in {args.out}")
@@ -96,6 +96,109 @@ def cmd_eval_lm(args) -> int:
     hard = "".join(sorted(model.rnn.hard_gates)) or "none"
     print(f"{args.data} {args.split} perplexity {r['ppl']:.2f} ({r['tokens']:,} tokens, batch size "
           f"{r['batch_size']}, bptt {r['bptt']}, hidden state carried across batches, hard gates: {hard})")
+    return 0
+
+
+# ---------------------------------------------------------------- quantization
+def _load_float_lm(path):
+    from .checkpoint import CheckpointError, load_model
+    try:
+        model, record = load_model(path)
+    except CheckpointError as exc:
+        raise CLIError(str(exc)) from exc
+    return model, record
+
+
+def _bits_arg(text: str):
+    from .api import _check_bits
+    try:
+        return _check_bits(text, "--bits")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def cmd_finetune(args) -> int:
+    """Quantization-aware fine-tuning from a float checkpoint."""
+    import torch
+
+    from .api import quantize
+    from .train import TrainConfig, train_lm
+
+    torch.set_num_threads(args.threads)
+    model, record = _load_float_lm(args.checkpoint)
+    if record.get("kind") != "word_lm":
+        raise CLIError(f"{args.checkpoint} is not a float word-LM checkpoint (kind {record.get('kind')!r})")
+    corpus = _load_lm_corpus(args.data, args.data_dir)
+    try:
+        q = quantize(model, bits=args.bits, method="qat", hard_gates=args.hard_gates)
+        tcfg = TrainConfig(epochs=args.epochs, lr=args.lr, lr_decay=args.lr_decay, decay_after=1,
+                           max_batches=args.max_batches, seed=args.seed)
+    except ValueError as exc:
+        raise CLIError(str(exc)) from exc
+    print(f"QAT: {args.bits}-bit weights, int8 activations, hard gates: {args.hard_gates or 'none'} -> {args.out}")
+    res = train_lm(q, corpus.train, corpus.valid, tcfg, args.out, resume=args.resume, progress=not args.quiet,
+                   kind="quantized_word_lm", record_extra={"config": model.config.to_dict(),
+                                                           "quant_config": q.config.to_dict(), "data": args.data})
+    print(f"best valid ppl {res.best_valid_ppl:.2f}; size {q.size_bytes() / 1e6:.2f} MB "
+          f"(float {q.float_size_bytes() / 1e6:.2f} MB)")
+    return 0
+
+
+def cmd_report(args) -> int:
+    import torch
+
+    from .report import QATSettings, tradeoff
+
+    torch.set_num_threads(args.threads)
+    model, record = _load_float_lm(args.checkpoint)
+    corpus = _load_lm_corpus(args.data, args.data_dir)
+    widths = [w if w in ("binary", "ternary") else int(w) for w in args.widths.split(",")]
+    try:
+        rows = tradeoff(model, eval_data=getattr(corpus, args.split), train_data=corpus.train,
+                        valid_data=corpus.valid[:20_000], out_dir=args.out, name=args.name or str(args.checkpoint),
+                        widths=widths, methods=args.methods.split(","), gate_modes=args.gates.split(","),
+                        qat=QATSettings(lr=args.qat_lr, max_batches=args.qat_batches))
+    except ValueError as exc:
+        raise CLIError(str(exc)) from exc
+    print(f"{len(rows)} rows -> {args.out}/results.json, table.md, tradeoff.png")
+    return 0
+
+
+def cmd_export(args) -> int:
+    import torch
+
+    from .api import QuantizedModel, quantize
+    from .export import ExportError
+
+    torch.set_num_threads(args.threads)
+    model, record = _load_float_lm(args.checkpoint)
+    try:
+        if isinstance(model, QuantizedModel):
+            q = model
+            if args.hard_gates:
+                q.set_hard_gates(args.hard_gates)
+        else:
+            q = quantize(model, bits=args.bits, hard_gates=args.hard_gates)
+    except ValueError as exc:
+        raise CLIError(str(exc)) from exc
+    corpus = _load_lm_corpus(args.data or record.get("data", "ptb"), args.data_dir)
+    if len(corpus.vocab) != q.model.config.vocab_size:
+        raise CLIError(f"the checkpoint has a {q.model.config.vocab_size}-word vocabulary but --data "
+                       f"{args.data} has {len(corpus.vocab)} words")
+    validation = {}
+    if not args.no_validate:
+        from .evaluate import lm_perplexity
+        validation["test_eval"] = {"batch_size": 10, "bptt": 35, "tokens": int(len(corpus.test)) - 1}
+        validation["test_ppl_quantized_torch"] = q.evaluate(corpus.test)["ppl"]
+        if not isinstance(model, QuantizedModel):
+            validation["test_ppl_float"] = lm_perplexity(model, corpus.test)["ppl"]
+    try:
+        path = q.export(args.out, target=args.target, vocab=corpus.vocab, validation=validation)
+    except ExportError as exc:
+        raise CLIError(str(exc)) from exc
+    print(f"wrote {path}: {q.size_bytes() / 1e6:.2f} MB deployable (float {q.float_size_bytes() / 1e6:.2f} MB)")
+    for k, v in validation.items():
+        print(f"  {k}: {v:.3f}" if isinstance(v, float) else f"  {k}: {v}")
     return 0
 
 
@@ -158,6 +261,44 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--data-dir", default=None)
     d.add_argument("--threads", type=_positive_int, default=2)
     d.set_defaults(func=cmd_demo)
+
+    f = sub.add_parser("finetune", help="quantization-aware fine-tuning (QAT) from a float checkpoint")
+    f.add_argument("checkpoint")
+    f.add_argument("--bits", type=_bits_arg, default=4, help="2..8, binary or ternary")
+    f.add_argument("--hard-gates", default="if", help="gates trained and deployed as 1[a>0] ('' for none)")
+    f.add_argument("--epochs", type=_positive_int, default=1)
+    f.add_argument("--max-batches", type=_positive_int, default=None)
+    f.add_argument("--lr", type=_positive_float, default=2.0)
+    f.add_argument("--lr-decay", type=_positive_float, default=0.5)
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--out", required=True)
+    f.add_argument("--resume", action="store_true")
+    f.add_argument("--quiet", action="store_true")
+    data_args(f)
+    f.set_defaults(func=cmd_finetune)
+
+    r = sub.add_parser("report", help="accuracy-vs-size sweep: bits x {PTQ, QAT} x gate mode")
+    r.add_argument("checkpoint", help="float checkpoint")
+    r.add_argument("--widths", default="8,6,4,3,2,ternary,binary")
+    r.add_argument("--methods", default="ptq,qat")
+    r.add_argument("--gates", default="soft,hard", help="soft and/or hard (hard input and forget gates)")
+    r.add_argument("--split", choices=["valid", "test"], default="test")
+    r.add_argument("--qat-lr", type=_positive_float, default=2.0)
+    r.add_argument("--qat-batches", type=_positive_int, default=400)
+    r.add_argument("--name", default=None)
+    r.add_argument("--out", required=True)
+    data_args(r)
+    r.set_defaults(func=cmd_report)
+
+    x = sub.add_parser("export", help="quantize (or take a QAT checkpoint) and write a deployable artifact")
+    x.add_argument("checkpoint", help="float or QAT checkpoint")
+    x.add_argument("--bits", type=_bits_arg, default=4)
+    x.add_argument("--hard-gates", default="")
+    x.add_argument("--target", choices=["cpu"], default="cpu")
+    x.add_argument("--out", required=True, help="artifact directory, e.g. model.g2q")
+    x.add_argument("--no-validate", action="store_true", help="skip the test-set perplexity figures")
+    data_args(x, default=None)
+    x.set_defaults(func=cmd_export)
 
     _add_optional_commands(sub)
     return ap

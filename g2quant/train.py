@@ -58,7 +58,7 @@ class TrainResult:
 
 def _record(kind: str, model, tcfg: TrainConfig, epoch: int, history: list, extra: dict) -> dict:
     rec = {"kind": kind, "train_config": asdict(tcfg), "epoch": epoch, "history": history, **extra}
-    if hasattr(model, "config") and hasattr(model.config, "to_dict"):
+    if "config" not in rec and hasattr(model, "config") and hasattr(model.config, "to_dict"):
         rec["config"] = model.config.to_dict()
     return rec
 

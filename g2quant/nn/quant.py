@@ -8,7 +8,7 @@ a straight-through gradient; ``quantize(w)`` returns the integers and scales an 
 from __future__ import annotations
 
 import torch
-from brevitas.core.function_wrapper import Identity, RoundSte, TensorClampSte
+from brevitas.core.function_wrapper import Identity, RoundSte, TensorClamp
 from brevitas.core.quant import BinaryQuant, IntQuant, TernaryQuant
 from torch import nn
 
@@ -54,8 +54,8 @@ class IntWeightQuant(WeightQuantizer):
     "mse": the clipping ratio on a grid minimising ``‖w − Q(w)‖²`` per row), then a learnable
     parameter in QAT (``learn_scale=True``) or frozen (PTQ).
     Gradient: straight-through for the rounding (Brevitas ``RoundSte``), identity inside the
-    clamp range and zero outside (``TensorClampSte``); the scale receives the LSQ-style
-    gradient ``round(w/s) − w/s`` (Esser et al. 2020) when learnable.
+    clamp range and zero outside (Brevitas ``TensorClamp``); the scale receives the LSQ-style
+    gradient ``round(w/s) − w/s`` (Esser et al. 2020), scaled by ``1/sqrt(K·qmax)``, when learnable.
     """
 
     scheme = "int"
@@ -67,7 +67,7 @@ class IntWeightQuant(WeightQuantizer):
         self.bits, self.per_channel = int(bits), per_channel
         self.qmax = 2 ** (self.bits - 1) - 1
         self.impl = IntQuant(narrow_range=True, signed=True, input_view_impl=Identity(), float_to_int_impl=RoundSte(),
-                             tensor_clamp_impl=TensorClampSte())
+                             tensor_clamp_impl=TensorClamp())
         self.register_buffer("bit_width", torch.tensor(float(self.bits)), persistent=False)
         self.register_buffer("zero_point", torch.tensor(0.0), persistent=False)
         self.scale = nn.Parameter(torch.ones(1), requires_grad=learn_scale)
@@ -97,7 +97,13 @@ class IntWeightQuant(WeightQuantizer):
     def _scale(self, w):
         if not self._initialised:
             self.init_scale(w)
-        return _shape_scale(self.scale.abs() + _EPS, w, self.per_channel)
+        s = self.scale.abs() + _EPS
+        if self.scale.requires_grad:
+            # LSQ gradient scaling 1/sqrt(K·qmax): same forward value, a gradient of the size
+            # SGD can use at the weights' learning rate
+            g = 1.0 / (w[0].numel() * self.qmax) ** 0.5
+            s = s * g + (s - s * g).detach()
+        return _shape_scale(s, w, self.per_channel)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         return self.impl(self._scale(w), self.zero_point, self.bit_width, w)
