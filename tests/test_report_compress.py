@@ -1,0 +1,95 @@
+"""Compression analysis, trade-off reports, and the finetune / report / export / demo commands."""
+import json
+
+import pytest
+import torch
+
+from g2quant.cli import main
+from g2quant.compress import compress_gates, compress_tensor
+from g2quant.data.synthetic import synthetic_corpus
+from g2quant.models import LMConfig, WordLM
+from g2quant.report import QATSettings, pareto_front, tradeoff
+
+
+def test_compress_tensor_formulas():
+    w = torch.tensor([[0.05, 0.11, -0.29, 0.55, -1.3]])
+    torch.testing.assert_close(compress_tensor(w, "round", r=0.2), torch.tensor([[0.0, 0.2, -0.2, 0.6, -1.2]]))  # -6.5 rounds half to even
+    torch.testing.assert_close(compress_tensor(w, "round_clip", r=0.2, c=0.4),
+                               torch.tensor([[0.0, 0.2, -0.2, 0.4, -0.4]]))
+    m = torch.randn(8, 6)
+    low = compress_tensor(m, "svd", rank=2)
+    assert torch.linalg.matrix_rank(low) == 2
+    torch.testing.assert_close(compress_tensor(m, "svd", rank=6), m, atol=1e-5, rtol=1e-5)
+
+
+def test_compress_gates_touches_only_chosen_gate_rows():
+    torch.manual_seed(0)
+    m = WordLM(LMConfig(vocab_size=20, emb_size=8, hidden_size=8))
+    c = compress_gates(m, "round_clip", gates="if")
+    H = 8
+    for name, p in m.rnn.named_parameters():
+        q = dict(c.rnn.named_parameters())[name]
+        if name.startswith("weight_"):
+            torch.testing.assert_close(q[:2 * H], p[:2 * H].div(0.2).round().mul(0.2).clamp(-0.4, 0.4))
+            torch.testing.assert_close(q[2 * H:], p[2 * H:])      # g and o rows untouched
+        else:
+            torch.testing.assert_close(q, p)                      # biases untouched
+    assert not torch.equal(m.rnn.weight_hh_l0, c.rnn.weight_hh_l0)   # the original is not modified in place
+    with pytest.raises(ValueError, match="unknown compression"):
+        compress_gates(m, "prune")
+
+
+def test_pareto_front():
+    rows = [{"size_bytes": 1, "ppl": 200}, {"size_bytes": 2, "ppl": 150}, {"size_bytes": 3, "ppl": 160},
+            {"size_bytes": 4, "ppl": 100}]
+    assert [r["size_bytes"] for r in pareto_front(rows)] == [1, 2, 4]
+
+
+@pytest.fixture(scope="module")
+def tiny_lm():
+    corpus = synthetic_corpus(n_train=2000, n_valid=150, n_test=150)
+    torch.manual_seed(0)
+    model = WordLM(LMConfig(vocab_size=len(corpus.vocab), emb_size=16, hidden_size=16, gates="gumbel")).eval()
+    return model, corpus
+
+
+def test_tradeoff_writes_results_and_resumes(tiny_lm, tmp_path):
+    model, corpus = tiny_lm
+    kw = dict(eval_data=corpus.test, train_data=corpus.train, valid_data=corpus.valid, out_dir=tmp_path,
+              name="tiny", widths=(8, 2), methods=("ptq", "qat"), gate_modes=("soft", "hard"),
+              qat=QATSettings(max_batches=5, batch_size=8, bptt=8), progress=False, log=lambda s: None)
+    rows = tradeoff(model, **kw)
+    assert len(rows) == 2 + 2 * 2 * 2             # float soft/hard + widths x methods x gates
+    saved = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert saved == rows
+    assert (tmp_path / "tradeoff.png").stat().st_size > 1000
+    table = (tmp_path / "table.md").read_text()
+    assert "| 8 | ptq | soft |" in table and "Δppl" in table
+    by = {(r["bits"], r["method"], r["gates"]): r for r in rows}
+    assert by[(2, "ptq", "soft")]["size_bytes"] < by[(8, "ptq", "soft")]["size_bytes"] < by[("float", "float", "soft")]["size_bytes"]
+    assert by[("float", "float", "soft")]["delta_ppl_pct"] == 0.0
+    # a rerun finds every row done and recomputes nothing
+    again = tradeoff(model, **kw)
+    assert [r["seconds"] for r in again] == [r["seconds"] for r in rows]
+
+
+def test_cli_finetune_export_eval_and_errors(tmp_path, capsys):
+    ck = tmp_path / "float"
+    assert main(["train-lm", "--data", "synthetic", "--preset", "tiny", "--epochs", "1", "--max-batches", "10",
+                 "--out", str(ck), "--quiet", "--threads", "1"]) == 0
+    qk = tmp_path / "qat"
+    assert main(["finetune", str(ck / "best.safetensors"), "--data", "synthetic", "--bits", "3", "--max-batches", "5",
+                 "--out", str(qk), "--quiet", "--threads", "1"]) == 0
+    art = tmp_path / "m.g2q"
+    assert main(["export", str(qk / "best.safetensors"), "--data", "synthetic", "--out", str(art),
+                 "--threads", "1"]) == 0
+    man = json.loads((art / "manifest.json").read_text())
+    assert man["gates"]["hard"] == ["i", "f"]
+    assert man["validation"]["max_abs_logit_diff_vs_torch"] < 1e-2
+    assert "test_ppl_quantized_torch" in man["validation"]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        main(["finetune", str(ck), "--bits", "9", "--out", "x"])
+    assert exc.value.code == 2 and "bits=9 is invalid" in capsys.readouterr().err
+    assert main(["export", str(tmp_path / "nope.safetensors"), "--out", str(tmp_path / "x.g2q")]) == 2
+    assert "does not exist" in capsys.readouterr().err
