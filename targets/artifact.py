@@ -1,0 +1,273 @@
+"""The g2quant artifact: a directory ``NAME.g2q/`` written atomically and verified on load.
+
+Layout::
+
+    NAME.g2q/
+      manifest.json          format name + version, g2quant version, sha256 of every other file,
+                             dtype/shape of every tensor, plus whatever the target writer adds
+      weights.safetensors    all tensors (numpy arrays; no pickle anywhere)
+      vocab.txt, ...         extra files (bytes), each listed with its sha256
+
+Writing goes to a hidden temporary sibling directory; every file is fsynced, then the
+directory is renamed into place, so a reader never sees a half-written artifact and a
+failure leaves nothing behind. Replacing an existing artifact renames the old one aside
+first and deletes it only after the new one is in place (if the final rename fails the old
+one is restored). Loading checks the format name and version, every checksum, and every
+tensor's dtype and shape, raising ``ArtifactError`` naming the file and the problem.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+FORMAT = "g2quant-artifact"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+WEIGHTS = "weights.safetensors"
+_RESERVED = (MANIFEST, WEIGHTS)
+
+__all__ = ["ArtifactError", "write_artifact", "load_artifact", "FORMAT", "FORMAT_VERSION",
+           "MANIFEST", "WEIGHTS", "artifact_size"]
+
+
+class ArtifactError(ValueError):
+    """An artifact is missing, corrupt, of an unsupported format, or inconsistent."""
+
+
+def _g2quant_version() -> str:
+    try:
+        from g2quant import __version__
+        return str(__version__)
+    except Exception:  # pragma: no cover - only when targets is used outside the package
+        return "unknown"
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _json_default(obj):
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, (tuple, set, frozenset)):
+        return list(obj)
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"manifest value of type {type(obj).__name__} is not JSON serializable")
+
+
+def _check_file_name(name: str) -> None:
+    if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name:
+        raise ValueError(f"artifact file name must be a plain file name, got {name!r}")
+    if name in _RESERVED:
+        raise ValueError(f"{name!r} is reserved for the artifact itself")
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - e.g. platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def _serialize_tensors(tensors: dict[str, np.ndarray]) -> tuple[bytes, dict]:
+    from safetensors.numpy import save
+
+    clean, listing = {}, {}
+    for name, arr in tensors.items():
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"tensor names must be non-empty strings, got {name!r}")
+        if not isinstance(arr, np.ndarray):
+            raise ValueError(f"tensor {name!r}: expected a numpy array, got {type(arr).__name__}")
+        if arr.dtype == object:
+            raise ValueError(f"tensor {name!r}: object arrays cannot be stored")
+        clean[name] = np.ascontiguousarray(arr)
+        listing[name] = {"dtype": str(arr.dtype), "shape": list(arr.shape)}
+    return save(clean), listing
+
+
+def write_artifact(path, manifest: dict, tensors: dict[str, np.ndarray],
+                   files: dict[str, bytes] | None = None) -> Path:
+    """Write ``path`` (a directory, conventionally ``NAME.g2q``) atomically; return its Path.
+
+    ``manifest`` is copied and completed with ``format``, ``format_version``,
+    ``g2quant_version``, ``files`` (sha256 of every file) and ``tensors`` (each tensor's
+    ``dtype`` and ``shape``, merged into any per-tensor entry the caller supplied).
+    An existing artifact at ``path`` is replaced; an existing directory that is not an
+    artifact (no manifest.json), or an existing file, is refused.
+    """
+    path = Path(path)
+    files = dict(files or {})
+    for name, data in files.items():
+        _check_file_name(name)
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise ValueError(f"file {name!r}: contents must be bytes, got {type(data).__name__}")
+    if not isinstance(manifest, dict):
+        raise ValueError(f"manifest must be a dict, got {type(manifest).__name__}")
+    if path.exists() or path.is_symlink():
+        if not path.is_dir() or path.is_symlink():
+            raise ArtifactError(f"{path}: exists and is not an artifact directory; refusing to replace it")
+        if not (path / MANIFEST).is_file():
+            raise ArtifactError(f"{path}: exists but has no {MANIFEST} (not an artifact); refusing to replace it")
+
+    blob, listing = _serialize_tensors(tensors)
+    man = json.loads(json.dumps(manifest, default=_json_default))   # deep copy, JSON-clean
+    entries = man.get("tensors", {})
+    if not isinstance(entries, dict):
+        raise ValueError("manifest['tensors'] must be a dict of per-tensor entries")
+    unknown = sorted(set(entries) - set(listing))
+    if unknown:
+        raise ValueError(f"manifest lists tensors that were not given: {unknown}")
+    for name, info in listing.items():
+        entry = dict(entries.get(name, {}))
+        for key in ("dtype", "shape"):
+            if key in entry and entry[key] != info[key]:
+                raise ValueError(f"tensor {name!r}: manifest says {key}={entry[key]}, array has {info[key]}")
+        entry.update(info)
+        entries[name] = entry
+    payload = {WEIGHTS: bytes(blob), **{k: bytes(v) for k, v in files.items()}}
+    man.update({
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "g2quant_version": _g2quant_version(),
+        "tensors": entries,
+        "files": {name: _sha256(data) for name, data in sorted(payload.items())},
+    })
+    text = json.dumps(man, indent=2, sort_keys=False, default=_json_default) + "\n"
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    old = None
+    try:
+        for name, data in payload.items():
+            _write_file(tmp / name, data)
+        _write_file(tmp / MANIFEST, text.encode("utf-8"))      # last: marks completeness
+        _fsync_dir(tmp)
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+            os.rmdir(old)
+            os.rename(path, old)
+        try:
+            os.rename(tmp, path)
+        except BaseException:
+            if old is not None:
+                os.rename(old, path)       # put the previous artifact back
+                old = None
+            raise
+        _fsync_dir(path.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def _fail(msg: str):
+    raise ArtifactError(msg)
+
+
+def _read_manifest(path: Path) -> dict:
+    if not path.exists():
+        _fail(f"{path}: artifact not found")
+    if not path.is_dir():
+        _fail(f"{path}: not an artifact directory (expected NAME.g2q/ with {MANIFEST})")
+    mpath = path / MANIFEST
+    if not mpath.is_file():
+        _fail(f"{MANIFEST}: missing in {path} (not a g2quant artifact, or the write did not finish)")
+    try:
+        man = json.loads(mpath.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        _fail(f"{MANIFEST}: does not parse as JSON ({exc})")
+    if not isinstance(man, dict):
+        _fail(f"{MANIFEST}: expected a JSON object, got {type(man).__name__}")
+    if man.get("format") != FORMAT:
+        _fail(f"{MANIFEST}: format is {man.get('format')!r}, expected {FORMAT!r}")
+    ver = man.get("format_version")
+    if not isinstance(ver, int) or isinstance(ver, bool) or ver < 1:
+        _fail(f"{MANIFEST}: invalid format_version {ver!r}")
+    if ver > FORMAT_VERSION:
+        _fail(f"{MANIFEST}: format_version {ver} is newer than this g2quant supports ({FORMAT_VERSION}); "
+              "upgrade g2quant to load it")
+    for key in ("files", "tensors"):
+        if not isinstance(man.get(key), dict):
+            _fail(f"{MANIFEST}: missing or invalid {key!r} table")
+    if WEIGHTS not in man["files"]:
+        _fail(f"{MANIFEST}: does not list {WEIGHTS}")
+    return man
+
+
+def load_artifact(path) -> tuple[dict, dict[str, np.ndarray], dict[str, bytes]]:
+    """Load and verify an artifact; return ``(manifest, tensors, files)``.
+
+    ``files`` holds the bytes of every listed file other than the weights. Raises
+    ``ArtifactError`` for a missing directory or file, an unparsable manifest, an unknown
+    format or a newer format version, a sha256 mismatch, or a tensor whose dtype/shape
+    differs from the manifest.
+    """
+    path = Path(path)
+    man = _read_manifest(path)
+    contents: dict[str, bytes] = {}
+    for name, digest in man["files"].items():
+        if name != WEIGHTS:
+            try:
+                _check_file_name(name)
+            except ValueError as exc:
+                _fail(f"{MANIFEST}: bad file entry: {exc}")
+        if not isinstance(digest, str):
+            _fail(f"{MANIFEST}: file entry {name!r} has no sha256 string")
+        fpath = path / name
+        if not fpath.is_file():
+            _fail(f"{name}: missing from {path}")
+        data = fpath.read_bytes()
+        if _sha256(data) != digest:
+            _fail(f"{name}: sha256 mismatch (file truncated or modified)")
+        contents[name] = data
+    from safetensors.numpy import load
+
+    try:
+        tensors = load(contents.pop(WEIGHTS))
+    except Exception as exc:  # safetensors raises its own error types
+        _fail(f"{WEIGHTS}: cannot be parsed as safetensors ({exc})")
+    listed = man["tensors"]
+    missing = sorted(set(listed) - set(tensors))
+    if missing:
+        _fail(f"{WEIGHTS}: tensors listed in the manifest are missing: {missing}")
+    extra = sorted(set(tensors) - set(listed))
+    if extra:
+        _fail(f"{WEIGHTS}: tensors not listed in the manifest: {extra}")
+    for name, entry in listed.items():
+        arr = tensors[name]
+        if not isinstance(entry, dict):
+            _fail(f"{MANIFEST}: tensor entry {name!r} is not an object")
+        if entry.get("dtype") != str(arr.dtype):
+            _fail(f"{WEIGHTS}: tensor {name!r} has dtype {arr.dtype}, manifest says {entry.get('dtype')}")
+        if list(entry.get("shape", [])) != list(arr.shape):
+            _fail(f"{WEIGHTS}: tensor {name!r} has shape {list(arr.shape)}, manifest says {entry.get('shape')}")
+    return man, tensors, contents
+
+
+def artifact_size(path) -> int:
+    """Total bytes on disk of the files in an artifact directory."""
+    return sum(p.stat().st_size for p in Path(path).iterdir() if p.is_file())
