@@ -93,3 +93,15 @@ def test_cli_finetune_export_eval_and_errors(tmp_path, capsys):
     assert exc.value.code == 2 and "bits=9 is invalid" in capsys.readouterr().err
     assert main(["export", str(tmp_path / "nope.safetensors"), "--out", str(tmp_path / "x.g2q")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_demo_end_to_end(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--data", "synthetic", "--seconds", "2", "--out", str(out), "--threads", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "artifact in the CPU engine" in text
+    rep = json.loads((out / "report.json").read_text())
+    a = rep["artifact"]
+    assert abs(a["valid_ppl_engine"] / a["valid_ppl_torch"] - 1) < 1e-3      # engine == torch quantized model
+    assert a["size_bytes_on_disk"] < a["float_size_bytes"] / 4
+    assert (out / "gates.png").stat().st_size > 1000 and (out / "model.g2q" / "manifest.json").exists()
