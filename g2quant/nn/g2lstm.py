@@ -164,12 +164,18 @@ class G2LSTM(nn.Module):
         return scale, hard, noise_gates
 
     def _add_noise(self, zx, noise_gates, scale):
-        """Add scaled logistic noise to the pre-activations of the Gumbel gates (contiguous
-        gate blocks share one draw)."""
+        """Add scaled logistic noise to the pre-activations of the Gumbel gates; adjacent gate
+        blocks (i and f, in the internal order) share one draw."""
         H = self.hidden_size
         zx = zx.clone()
+        runs = []                                  # contiguous [first, last] gate-block runs
         for k in noise_gates:
-            sl = slice(k * H, (k + 1) * H)
+            if runs and runs[-1][1] == k - 1:
+                runs[-1][1] = k
+            else:
+                runs.append([k, k])
+        for first, last in runs:
+            sl = slice(first * H, (last + 1) * H)
             noise = logistic_noise(zx[..., sl].shape, p=self.noise_p, dtype=zx.dtype, device=zx.device)
             zx[..., sl] += noise * scale[sl]
         return zx

@@ -11,10 +11,11 @@ def logistic_noise(shape, *, p: float = 1.0, device=None, dtype=None, generator=
     """``log U − log(1 − U)`` with U ~ Uniform(0, 1) (a Logistic(0, 1) sample, i.e. the
     difference of two Gumbel samples), zeroed per element with probability ``1 − p``."""
     u = torch.rand(shape, device=device, dtype=dtype, generator=generator)
-    noise = torch.logit(u, eps=1e-6)
-    if p < 1.0:
-        keep = torch.rand(shape, device=device, dtype=dtype, generator=generator) < p
-        noise = noise * keep
+    if p >= 1.0:
+        return torch.logit(u, eps=1e-6)
+    # one uniform draw serves both choices: u < p selects "noisy", and u / p is then again
+    # Uniform(0, 1) and independent of the selection
+    return torch.where(u < p, torch.logit(u / p, eps=1e-6), torch.zeros_like(u))
     return noise
 
 
