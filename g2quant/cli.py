@@ -188,8 +188,9 @@ def cmd_export(args) -> int:
     validation = {}
     if not args.no_validate:
         from .evaluate import lm_perplexity
-        validation["test_eval"] = {"batch_size": 10, "bptt": 35, "tokens": int(len(corpus.test)) - 1}
-        validation["test_ppl_quantized_torch"] = q.evaluate(corpus.test)["ppl"]
+        r = q.evaluate(corpus.test)
+        validation["test_eval"] = {"batch_size": r["batch_size"], "bptt": r["bptt"], "tokens": r["tokens"]}
+        validation["test_ppl_quantized_torch"] = r["ppl"]
         if not isinstance(model, QuantizedModel):
             validation["test_ppl_float"] = lm_perplexity(model, corpus.test)["ppl"]
     try:
