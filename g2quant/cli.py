@@ -80,27 +80,25 @@ def cmd_train_lm(args) -> int:
 def cmd_eval_lm(args) -> int:
     import torch
 
-    from .checkpoint import CheckpointError, load_model
     from .evaluate import lm_perplexity
+    from .nn.g2lstm import G2LSTM
 
     torch.set_num_threads(args.threads)
-    try:
-        model, record = load_model(args.checkpoint)
-    except CheckpointError as exc:
-        raise CLIError(str(exc)) from exc
+    model, record = _load_model(args.checkpoint)
     corpus = _load_lm_corpus(args.data, args.data_dir)
+    lstm = next(m for m in model.modules() if isinstance(m, G2LSTM))
     if args.hard_gates:
-        model.rnn.hard_gates = frozenset(args.hard_gates)
+        lstm.hard_gates = frozenset(args.hard_gates)
     data = getattr(corpus, args.split)
     r = lm_perplexity(model, data, batch_size=args.batch_size, bptt=args.bptt, progress=not args.quiet)
-    hard = "".join(sorted(model.rnn.hard_gates)) or "none"
+    hard = "".join(g for g in "ifo" if g in lstm.hard_gates) or "none"
     print(f"{args.data} {args.split} perplexity {r['ppl']:.2f} ({r['tokens']:,} tokens, batch size "
           f"{r['batch_size']}, bptt {r['bptt']}, hidden state carried across batches, hard gates: {hard})")
     return 0
 
 
 # ---------------------------------------------------------------- quantization
-def _load_float_lm(path):
+def _load_model(path):
     from .checkpoint import CheckpointError, load_model
     try:
         model, record = load_model(path)
@@ -125,7 +123,7 @@ def cmd_finetune(args) -> int:
     from .train import TrainConfig, train_lm
 
     torch.set_num_threads(args.threads)
-    model, record = _load_float_lm(args.checkpoint)
+    model, record = _load_model(args.checkpoint)
     if record.get("kind") != "word_lm":
         raise CLIError(f"{args.checkpoint} is not a float word-LM checkpoint (kind {record.get('kind')!r})")
     corpus = _load_lm_corpus(args.data, args.data_dir)
@@ -150,9 +148,12 @@ def cmd_report(args) -> int:
     from .report import QATSettings, tradeoff
 
     torch.set_num_threads(args.threads)
-    model, record = _load_float_lm(args.checkpoint)
+    model, record = _load_model(args.checkpoint)
     corpus = _load_lm_corpus(args.data, args.data_dir)
-    widths = [w if w in ("binary", "ternary") else int(w) for w in args.widths.split(",")]
+    try:
+        widths = [_bits_arg(w) for w in args.widths.split(",")]
+    except argparse.ArgumentTypeError as exc:
+        raise CLIError(f"--widths: {exc}") from exc
     try:
         rows = tradeoff(model, eval_data=getattr(corpus, args.split), train_data=corpus.train,
                         valid_data=corpus.valid[:20_000], out_dir=args.out, name=args.name or str(args.checkpoint),
@@ -171,7 +172,7 @@ def cmd_export(args) -> int:
     from .export import ExportError
 
     torch.set_num_threads(args.threads)
-    model, record = _load_float_lm(args.checkpoint)
+    model, record = _load_model(args.checkpoint)
     try:
         if isinstance(model, QuantizedModel):
             q = model

@@ -95,7 +95,7 @@ def test_cli_train_eval_resume(tmp_path, capsys):
     assert main(args) == 0
     assert main(["eval-lm", str(out), "--data", "synthetic", "--split", "valid", "--quiet", "--hard-gates", "if"]) == 0
     text = capsys.readouterr().out
-    assert "perplexity" in text and "batch size 10, bptt 35" in text and "hard gates: fi" in text
+    assert "perplexity" in text and "batch size 10, bptt 35" in text and "hard gates: if" in text
     args[args.index("--epochs") + 1] = "2"
     assert main(args + ["--resume"]) == 0
     assert "resumed from" in capsys.readouterr().out
