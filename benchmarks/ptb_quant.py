@@ -96,21 +96,26 @@ def cmd_collect(args) -> int:
                 rows.append(r)
     if rows:
         plot(rows, img / "tradeoff_ptb_small_all.png", title="PTB small: QAT with hard i/f gates (all models)")
-    # table: Δppl per width, QAT hard, per model
+    # table: ppl (Δ vs float with soft gates) per width, for each model and method/gate mode
     names = list(result["models"])
-    print("| weights | " + " | ".join(f"{n} PTQ soft | {n} PTQ hard | {n} QAT hard" for n in names) + " |")
-    print("|---" * (1 + 3 * len(names)) + "|")
-    widths = [r["bits"] for r in result["models"][names[0]]["rows"] if r["method"] == "ptq" and r["gates"] == "soft"]
-    for w in ["float"] + widths:
-        cells = []
-        for n in names:
-            by = {(r["bits"], r["method"], r["gates"]): r for r in result["models"][n]["rows"]}
-            for key in ((w, "ptq", "soft"), (w, "ptq", "hard"), (w, "qat", "hard")):
-                if w == "float":
-                    key = ("float", "float", key[2])
-                r = by.get(key)
+    cols = [("ptq", "soft"), ("ptq", "hard"), ("qat", "soft"), ("qat", "hard")]
+    for n in names:
+        rows_n = result["models"][n]["rows"]
+        by = {(r["bits"], r["method"], r["gates"]): r for r in rows_n}
+        fl = {g: by[("float", "float", g)]["ppl"] for g in ("soft", "hard") if ("float", "float", g) in by}
+        print(f"\n**{n}** (float: {fl.get('soft', float('nan')):.1f} soft gates, "
+              f"{fl.get('hard', float('nan')):.1f} hard i/f gates)\n")
+        print("| weights | MB | PTQ soft | PTQ hard | QAT soft | QAT hard | QAT hard vs float hard |")
+        print("|---|---|---|---|---|---|---|")
+        widths = [r["bits"] for r in rows_n if r["method"] == "ptq" and r["gates"] == "soft"]
+        for w in widths:
+            cells = []
+            for m, g in cols:
+                r = by.get((w, m, g))
                 cells.append("–" if r is None else f"{r['ppl']:.1f} ({r['delta_ppl_pct']:+.1f} %)")
-        print(f"| {w} | " + " | ".join(cells) + " |")
+            qh = by.get((w, "qat", "hard"))
+            rel = "–" if qh is None or "hard" not in fl else f"{100 * (qh['ppl'] / fl['hard'] - 1):+.1f} %"
+            print(f"| {w} | {by[(w, 'ptq', 'soft')]['size_bytes'] / 1e6:.2f} | " + " | ".join(cells) + f" | {rel} |")
     if "compress" in result:
         print("\n| model | original | round (r=0.2) | round & clip (c=0.4) | SVD (rank H/4) |\n|---|---|---|---|---|")
         for r in result["compress"]:
