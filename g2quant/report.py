@@ -108,7 +108,9 @@ def tradeoff(model, *, eval_data, train_data=None, valid_data=None, out_dir, nam
 
 
 def _declared_bits(bits) -> float:
-    return {"binary": 1.0, "ternary": 1.58}.get(bits, float(bits)) if isinstance(bits, str) else float(bits)
+    """Information bits per weight (ternary: log2(3)); storage is what size_bytes counts."""
+    named = {"binary": 1.0, "ternary": 1.58}
+    return named[bits] if bits in named else float(bits)
 
 
 def pareto_front(rows: list[dict]) -> list[dict]:

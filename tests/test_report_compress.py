@@ -56,10 +56,10 @@ def tiny_lm():
 def test_tradeoff_writes_results_and_resumes(tiny_lm, tmp_path):
     model, corpus = tiny_lm
     kw = dict(eval_data=corpus.test, train_data=corpus.train, valid_data=corpus.valid, out_dir=tmp_path,
-              name="tiny", widths=(8, 2), methods=("ptq", "qat"), gate_modes=("soft", "hard"),
+              name="tiny", widths=(8, 2, "ternary"), methods=("ptq", "qat"), gate_modes=("soft", "hard"),
               qat=QATSettings(max_batches=5, batch_size=8, bptt=8), progress=False, log=lambda s: None)
     rows = tradeoff(model, **kw)
-    assert len(rows) == 2 + 2 * 2 * 2             # float soft/hard + widths x methods x gates
+    assert len(rows) == 2 + 3 * 2 * 2             # float soft/hard + widths x methods x gates
     saved = json.loads((tmp_path / "results.json").read_text())["rows"]
     assert saved == rows
     assert (tmp_path / "tradeoff.png").stat().st_size > 1000
