@@ -110,32 +110,37 @@ class LSTMRecurrence(torch.autograd.Function):
         T, B, G = act.shape
         H = G // 4
         H3 = 3 * H
-        zeros = lambda: act.new_zeros(B, H)  # noqa: E731
-        dh = d_hT.clone() if d_hT is not None else zeros()
-        dc = d_cT.clone() if d_cT is not None else zeros()
-        # local derivatives of every column, vectorized over all steps
-        dact = torch.empty_like(act)
-        torch.mul(act[..., :H3], 1.0 - act[..., :H3], out=dact[..., :H3])
-        torch.sub(1.0, act[..., H3:] * act[..., H3:], out=dact[..., H3:])
-        one_m_tc2 = 1.0 - tc_all * tc_all
+        dh = d_hT.clone() if d_hT is not None else act.new_zeros(B, H)
+        dc = d_cT.clone() if d_cT is not None else act.new_zeros(B, H)
+        if d_out is not None:
+            dh = dh + d_out[T - 1]
+        gv = act[..., :H3] if gates is act else gates
+        i, f, o, g = gv[..., :H], gv[..., H:2 * H], gv[..., 2 * H:H3], act[..., H3:]
+        s = act[..., :H3]
+        # everything that does not depend on the backward recursion, vectorized over all steps:
+        # dz_i = dc·g·σ'_i, dz_f = dc·c_{t-1}·σ'_f, dz_o = dh·tanh(c_t)·σ'_o, dz_g = dc·i·(1 − g²),
+        # dc += dh·o·(1 − tanh²(c_t)), dc_{t-1} = dc·f
+        dsig = s * (1.0 - s)
+        a_if = torch.stack((g * dsig[..., :H], c_all[:-1] * dsig[..., H:2 * H]), dim=2)   # [T, B, 2, H]
+        a_o = tc_all * dsig[..., 2 * H:]
+        a_g = i * (1.0 - g * g)
+        o_dtanh = o * (1.0 - tc_all * tc_all)
         dz_all = torch.empty_like(act)
-        gate_t = (act[..., :H3] if gates is act else gates).unbind(0)
-        g_t, c_t, tc_t, dact_t, omt_t = (v.unbind(0) for v in (act[..., H3:], c_all, tc_all, dact, one_m_tc2))
-        dz_t = dz_all.unbind(0)
+        dz_if = dz_all[..., :2 * H].unflatten(-1, (2, H)).unbind(0)
+        dz_o, dz_g = dz_all[..., 2 * H:H3].unbind(0), dz_all[..., H3:].unbind(0)
+        a_if_t, a_o_t, a_g_t, od_t, f_t = (v.unbind(0) for v in (a_if, a_o, a_g, o_dtanh, f))
         d_out_t = d_out.unbind(0) if d_out is not None else None
+        dz_t = dz_all.unbind(0)
         for t in range(T - 1, -1, -1):
-            if d_out_t is not None:
-                dh = dh + d_out_t[t]
-            gv = gate_t[t]
-            dc = dc.addcmul(dh * gv[:, 2 * H:], omt_t[t])
-            dz = dz_t[t]
-            torch.mul(dc, g_t[t], out=dz[:, :H])
-            torch.mul(dc, c_t[t], out=dz[:, H:2 * H])
-            torch.mul(dh, tc_t[t], out=dz[:, 2 * H:H3])
-            torch.mul(dc, gv[:, :H], out=dz[:, H3:])
-            dz.mul_(dact_t[t])
-            dc = dc * gv[:, H:2 * H]
-            dh = dz @ w_z
+            dc = dc.addcmul(dh, od_t[t])
+            torch.mul(dc.unsqueeze(1), a_if_t[t], out=dz_if[t])
+            torch.mul(dh, a_o_t[t], out=dz_o[t])
+            torch.mul(dc, a_g_t[t], out=dz_g[t])
+            dc = dc * f_t[t]
+            if t > 0 and d_out_t is not None:
+                dh = torch.addmm(d_out_t[t - 1], dz_t[t], w_z)
+            else:
+                dh = dz_t[t] @ w_z
         d_w = dz_all.reshape(T * B, G).t() @ hin_all.reshape(T * B, H)
         return dz_all, d_w, dh, dc, None, None
 
