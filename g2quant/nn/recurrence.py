@@ -77,17 +77,22 @@ class LSTMRecurrence(torch.autograd.Function):
         gates = act if hard_cols is None else zx.new_empty(T, B, H3)
         c_all = zx.new_empty(T + 1, B, H)
         tc_all = zx.new_empty(T, B, H)
-        hin_all = zx.new_empty(T, B, H)      # h_{t-1} as used in the product (quantized if quant_h)
+        # h_{t-1} as used in the product: kept only when quantized; otherwise it is (h0, out[:-1])
+        hin_all = zx.new_empty(T, B, H) if quant_h is not None else None
         out = zx.new_empty(T, B, H)
         c_all[0] = c0
         h = h0
         # per-step views, made once (unbind is far cheaper than Python indexing inside the loop)
-        zx_t, hin_t, c_t, tc_t, out_t = (v.unbind(0) for v in (zx, hin_all, c_all, tc_all, out))
+        zx_t, c_t, tc_t, out_t = (v.unbind(0) for v in (zx, c_all, tc_all, out))
+        hin_t = hin_all.unbind(0) if hin_all is not None else None
         sig_t, tanh_t = act[..., :H3].unbind(0), act[..., H3:].unbind(0)
         gate_t = sig_t if hard_cols is None else gates.unbind(0)
         for t in range(T):
-            hin = hin_t[t]
-            hin.copy_(h if quant_h is None else fake_quant_act(h, h_scale))
+            if hin_t is None:
+                hin = h
+            else:
+                hin = hin_t[t]
+                hin.copy_(fake_quant_act(h, h_scale))
             z = torch.addmm(zx_t[t], hin, w_t)
             s, g = sig_t[t], tanh_t[t]
             torch.sigmoid(z[:, :H3], out=s)
@@ -100,6 +105,8 @@ class LSTMRecurrence(torch.autograd.Function):
             c.addcmul_(gv[:, :H], g)
             torch.tanh(c, out=tc_t[t])
             h = torch.mul(gv[:, 2 * H:], tc_t[t], out=out_t[t])
+        if hin_all is None:
+            hin_all = torch.cat((h0.unsqueeze(0), out[:-1]))
         ctx.save_for_backward(w_z, act, gates, c_all, tc_all, hin_all)
         ctx.mark_non_differentiable(gates)
         return out, h.clone(), c_all[T].clone(), gates if hard_cols is not None else act[..., :H3]
