@@ -10,11 +10,10 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Iterable
 
-import torch
 from torch import nn
 
 from .nn.g2lstm import G2LSTM
-from .nn.qmodules import ActQuant, QuantEmbedding, QuantG2LSTM, QuantLinear
+from .nn.qmodules import QuantEmbedding, QuantG2LSTM, QuantLinear
 from .nn.quant import IntWeightQuant, WeightQuantizer, make_weight_quantizer
 
 Bits = int | str | None
@@ -106,12 +105,6 @@ def _quantizable(m: nn.Module) -> bool:
     return isinstance(m, (nn.LSTM, G2LSTM, nn.Linear, nn.Embedding))
 
 
-def _storage_bits(q: WeightQuantizer) -> int:
-    """Bits per weight as the CPU artifact stores them (1, 2, 4 or 8)."""
-    b = q.bits
-    return 1 if b == 1 else 2 if b == 2 else 4 if b <= 4 else 8
-
-
 class QuantizedModel(nn.Module):
     """A fake-quantized copy of a float model; runs like the original (``forward`` delegates)."""
 
@@ -147,6 +140,7 @@ class QuantizedModel(nn.Module):
         stores them (1/2/4/8-bit rows padded to whole bytes), or at exactly the declared bits
         per weight with ``dense=True``."""
         from .targets.pack import packed_shape
+        from .targets.qweights import storage_width
 
         total, counted = 0, set()
         for _, p, q in self.weight_quantizers():
@@ -158,7 +152,7 @@ class QuantizedModel(nn.Module):
             if dense:
                 total += math.ceil(rows * cols * q.bits / 8)
             else:
-                r, w = packed_shape((rows, cols), _storage_bits(q))
+                r, w = packed_shape((rows, cols), storage_width(q.bits, q.scheme))
                 total += r * w
             total += 4 * rows     # one float32 scale per row (per-tensor scales are stored per row too)
         for p in self._model_parameters():
@@ -278,6 +272,3 @@ def quantize(model: nn.Module, bits: Bits = 4, *, calib=None, method: str = "ptq
         qmodel.train(qat)
     return qmodel
 
-
-def has_static_activations(qmodel: QuantizedModel) -> bool:
-    return any(isinstance(m, ActQuant) and m.mode == "static" for m in qmodel.modules())

@@ -8,7 +8,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 
 WIDTHS = (8, 6, 4, 3, 2, "ternary", "binary")
 GATE_MODES = {"soft": "", "hard": "if"}

@@ -13,6 +13,16 @@ GATE_NAMES = ("i", "f", "o")
 SCHEMES = ("int", "binary", "ternary", "float")
 
 
+def storage_width(bits: int, scheme: str = "int") -> int:
+    """Bits per weight as artifacts store them: 1, 2, 4, 8 (packed) or 32 (float).
+    3-bit weights are stored in 4-bit nibbles, 5–7-bit weights in bytes."""
+    if scheme == "float":
+        return 32
+    if scheme in ("binary", "ternary") or bits <= 2:
+        return bits
+    return 4 if bits <= 4 else 8
+
+
 @dataclass
 class QMatrix:
     """One weight matrix ``[R, K]`` with a per-row scale.

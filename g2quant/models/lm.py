@@ -5,7 +5,7 @@ Presets follow Zaremba et al., "Recurrent Neural Network Regularization" (2014):
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 
 import torch
 from torch import nn
@@ -66,9 +66,6 @@ class LMConfig:
         if unknown:
             raise ValueError(f"unknown LMConfig fields {sorted(unknown)}")
         return cls(**d)
-
-    def replace(self, **kw) -> "LMConfig":
-        return replace(self, **kw)
 
 
 class WordLM(nn.Module):

@@ -16,7 +16,6 @@ def logistic_noise(shape, *, p: float = 1.0, device=None, dtype=None, generator=
     # one uniform draw serves both choices: u < p selects "noisy", and u / p is then again
     # Uniform(0, 1) and independent of the selection
     return torch.where(u < p, torch.logit(u / p, eps=1e-6), torch.zeros_like(u))
-    return noise
 
 
 def gumbel_sigmoid(logits: torch.Tensor, tau: float = 0.9, hard: bool = False,

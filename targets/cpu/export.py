@@ -19,7 +19,7 @@ import numpy as np
 
 from .. import pack
 from ..artifact import ArtifactError, load_artifact, write_artifact
-from ..qweights import GATE_NAMES, QLSTMLayer, QMatrix, QuantLMWeights
+from ..qweights import GATE_NAMES, QLSTMLayer, QMatrix, QuantLMWeights, storage_width
 
 VOCAB_FILE = "vocab.txt"
 MODEL_KIND = "word_lm"
@@ -28,11 +28,7 @@ PACKING = "lsb-first-u8-rowpad"     # see g2quant.targets.pack
 
 def storage_bits(m: QMatrix) -> int:
     """Bits per stored value: 1, 2, 4, 8 (packed) or 32 (float)."""
-    if m.scheme == "float":
-        return 32
-    if m.scheme in ("binary", "ternary"):
-        return m.bits
-    return 2 if m.bits == 2 else 4 if m.bits <= 4 else 8
+    return storage_width(m.bits, m.scheme)
 
 
 def _pack_fn(m: QMatrix):
