@@ -1,29 +1,35 @@
-"""Numba kernels vs the NumPy reference (``targets/cpu/reference.py``).
+"""Numba kernels vs the NumPy reference (``targets/cpu/reference.py``), on every inner loop.
 
 Tolerance (docs/cpu-engine.md): ``max|Δ| ≤ 1e-3 · max(1, max|ref|)`` in float32. Integer sums
-are exact on both paths, so the only differences are float rounding of scales and of the
-nonlinearities (sigmoid/tanh), which the bound covers with a wide margin.
+are exact on every loop, so the only differences are float rounding of scales and of the
+nonlinearities (sigmoid/tanh), which the bound covers with a wide margin; the exactness tests
+use unit scales and activations that quantize to themselves, where kernel and reference must
+agree bit for bit.
 
-Every kernel test runs on both inner-loop paths: ``"fallback"`` (portable vector IR) always,
-``"vnni"`` only where the CPU has AVX512-VNNI (skipped cleanly otherwise).
+Every kernel test runs on every loop this CPU can execute (``isa.host_loops()``: on this
+project's x86 machines avx512-vnni, avx-vnni, avx2 and portable where present, on AArch64
+neon-dotprod, neon and portable). This file imports no torch, so it also runs in the emulated
+AArch64 sandbox (``tests/arm64/README.md``).
 """
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+from numba import njit
 
+from g2quant.targets.cpu import isa
 from g2quant.targets.cpu import kernels as K
 from g2quant.targets.cpu import kernels_jit as J
+from g2quant.targets.cpu import kernels_vnni as V
 from g2quant.targets.cpu import reference as ref
 from g2quant.targets.qweights import QLSTMLayer, QMatrix, QuantLMWeights
 
-PATHS = [pytest.param("fallback"),
-         pytest.param("vnni", marks=pytest.mark.skipif(not K.cpu_features()["avx512_vnni"],
-                                                       reason="CPU lacks AVX512-VNNI"))]
+HOST_LOOPS = isa.host_loops()
 # (bits, scheme) covering every storage width: 1, 2, 4 (3 and 4 bits), 8 (5 and 8 bits)
 KINDS = [(1, "binary"), (2, "ternary"), (2, "int"), (3, "int"), (4, "int"), (5, "int"), (8, "int")]
 SHAPES = [(1, 1), (5, 3), (13, 127), (8, 128), (37, 129), (64, 300), (6, 520), (3, 1100)]
@@ -35,7 +41,7 @@ def assert_close(got, want):
     assert float(np.abs(got - want).max(initial=0.0)) <= bound
 
 
-@pytest.fixture(params=PATHS)
+@pytest.fixture(params=HOST_LOOPS)
 def path(request):
     before = K.get_path()
     K.set_path(request.param)
@@ -84,6 +90,97 @@ def test_qmatmul_matches_reference(path, bits, scheme):
         assert K.qmatmul(km, x[:1], 8, out=out) is out
 
 
+# ----------------------------------------------------------------------------- exactness
+
+# the full code range of each storage width as (bits, scheme, q_min, q_max): u = 0 ... 2^bw − 1
+WIDTHS = [(8, "int", -128, 127), (4, "int", -8, 7), (2, "int", -2, 1), (1, "binary", -1, 1)]
+
+
+def kmatrix(q: np.ndarray, bits: int, scheme: str = "int") -> K.KMatrix:
+    """``K.prepare`` of ``q`` with unit scales, packed directly: ``QMatrix`` admits only the
+    quantizers' narrow range, the layout takes every code ``u = 0 … 2^bw − 1``."""
+    rows, cols = q.shape
+    bw = K.storage_bits(bits, scheme, cols)
+    offset, mult = K.code_params(bw)
+    data, nchunks = K.pack_u8(q, bw, offset, mult)
+    scale = np.zeros(-(-rows // K.PANEL_ROWS) * K.PANEL_ROWS, np.float32)
+    scale[:rows] = 1.0
+    km = K.KMatrix(rows, cols, bits, scheme, bw, offset, mult, nchunks, data, scale)
+    np.testing.assert_array_equal(km.unpack(), q)
+    return km
+
+
+def exact_product(q: np.ndarray, bits: int, scheme: str, xq: np.ndarray):
+    """``(kernel, reference)`` for codes ``q``, unit scales and activations that quantize to
+    themselves (max |x| = 127 per row, so s_x = 1): both must be the float32 of the exact integer
+    sum ``Σ_k q·x`` (the reference's formula, ``reference.qmatmul_ref``, evaluated in int64)."""
+    x = xq.astype(np.float32)
+    x_q, s_x = ref.quantize_act(x)
+    assert (s_x == 1).all() and (x_q == xq).all()
+    want = (x_q.astype(np.int64) @ q.astype(np.int64).T).astype(np.float32)
+    return K.qmatmul(kmatrix(q, bits, scheme), x), want
+
+
+def extreme_rows(rows, cols, qmin, qmax, rng):
+    """Rows of all-max codes, all-min codes, alternating, and random extremes."""
+    q = np.empty((rows, cols), np.int8)
+    q[0::4], q[1::4] = qmax, qmin
+    q[2::4, 0::2], q[2::4, 1::2] = qmax, qmin
+    q[3::4] = rng.choice(np.array([qmin, qmax], np.int8), q[3::4].shape)
+    return q
+
+
+def extreme_acts(batch, cols, rng):
+    """±127 activations: all +127, all −127, alternating, random signs (then repeated)."""
+    x = np.empty((batch, cols), np.int16)
+    patterns = [np.full(cols, 127), np.full(cols, -127), np.where(np.arange(cols) % 2, -127, 127),
+                rng.choice(np.array([-127, 127]), cols)]
+    for b in range(batch):
+        x[b] = patterns[b % 4]
+    return x
+
+
+@pytest.mark.parametrize("bits,scheme,qmin,qmax", WIDTHS)
+def test_extreme_codes_are_exact(path, bits, scheme, qmin, qmax):
+    """u = 0 and u = 2^bw − 1 against x = ±127 everywhere: no saturation in any loop (s16 pair sums,
+    the sign trick of the 8-bit avx2 route, i16 products of the portable loop)."""
+    rng = np.random.default_rng(bits)
+    cols = 4100                                       # > 1024: binary takes the 1-bit storage
+    q = extreme_rows(20, cols, qmin, qmax, rng)
+    assert kmatrix(q, bits, scheme).bw == {8: 8, 4: 4, 2: 2, 1: 1}[bits]
+    for batch in (1, 2, 5, 8):
+        got, want = exact_product(q, bits, scheme, extreme_acts(batch, cols, rng))
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("bits,scheme,qmin,qmax", WIDTHS)
+def test_random_codes_are_exact(path, bits, scheme, qmin, qmax):
+    """Random codes over the full range of each width, random int8 activations, odd sizes."""
+    rng = np.random.default_rng(10 + bits)
+    for rows, cols in ((1, 1), (17, 129), (33, 1030), (5, 3001)):
+        if scheme == "binary":
+            q = rng.choice(np.array([-1, 1], np.int8), (rows, cols))
+        else:
+            q = rng.integers(qmin, qmax + 1, (rows, cols)).astype(np.int8)
+        for batch in (1, 3, 4, 6):
+            x = rng.integers(-127, 128, (batch, cols))
+            x[:, 0] = 127                                # s_x = 1: x quantizes to itself
+            got, want = exact_product(q, bits, scheme, x)
+            np.testing.assert_array_equal(got, want)
+
+
+def test_8bit_long_k_wraps_exactly(path):
+    """K = 70000 at u = 255, x = 127: Σ u·x exceeds 2^31 inside the u-code loops and wraps; the
+    corrected sum Σ q·x (< 2^31) must still be exact."""
+    cols = 70_000
+    q = np.full((16, cols), 127, np.int8)
+    q[1::2] = -128
+    x = np.full((1, cols), 127, np.int16)
+    got, want = exact_product(q, 8, "int", x)
+    np.testing.assert_array_equal(got, want)
+    assert want[0, 0] == np.float32(127 * 127 * cols)
+
+
 def test_qmatmul_long_k_is_exact(path):
     """K far beyond one block, 8-bit extremes: the int32 sums must be exact."""
     rng = np.random.default_rng(7)
@@ -91,6 +188,8 @@ def test_qmatmul_long_k_is_exact(path):
     x = rng.choice(np.array([-1.0, 1.0], np.float32), (2, 3000))
     assert_close(K.qmatmul(K.prepare(m), x), ref.qmatmul_ref(m, x))
 
+
+# ----------------------------------------------------------------------------- LM step
 
 def random_lm(rng, vocab=50, hidden=24, layers=2, bits=4, tied=False, hard_gates=(), act_bits=8,
               emb_scheme="int"):
@@ -159,18 +258,128 @@ def test_lm_step_rejects_bad_state():
             K.lm_step(km, np.array([0, bad]), h, c)
 
 
+# ----------------------------------------------------------------------------- loop selection
+
+def test_isa_names_and_ids():
+    assert isa.LOOPS == ("avx512-vnni", "avx-vnni", "avx2", "neon-dotprod", "neon", "portable")
+    for i, name in enumerate(isa.LOOPS):
+        assert isa.loop_id(name) == i and isa.loop_name(i) == name
+    assert isa.loop_id("vnni") == isa.AVX512_VNNI and isa.loop_id("fallback") == isa.PORTABLE
+    assert isa.loop_id(" AVX2 ") == isa.AVX2
+    with pytest.raises(ValueError, match="avx512-vnni, avx-vnni, avx2, neon-dotprod, neon, portable"):
+        isa.loop_id("sse4")
+    with pytest.raises(ValueError):
+        isa.loop_name(len(isa.LOOPS))
+
+
+def test_host_loops_follow_the_features():
+    loops, feats = isa.host_loops(), isa.host_features()
+    assert loops[-1] == "portable" and len(set(loops)) == len(loops)
+    assert list(loops) == sorted(loops, key=isa.LOOPS.index)            # best first
+    if isa.machine() == "x86_64":
+        assert ("avx2" in loops) == feats["avx2"]
+        assert ("avx-vnni" in loops) == (feats["avx2"] and feats["avxvnni"])
+        assert ("avx512-vnni" in loops) == (feats["avx512f"] and feats["avx512bw"] and feats["avx512vnni"])
+        assert not {"neon", "neon-dotprod"} & set(loops)
+    elif isa.machine() == "aarch64":
+        assert feats["source"] in ("auxv", "llvm")
+        assert ("neon" in loops) == feats["asimd"]
+        assert ("neon-dotprod" in loops) == (feats["asimd"] and feats["asimddp"])
+        assert not {"avx2", "avx-vnni", "avx512-vnni"} & set(loops)
+    d = isa.describe()
+    assert d["loop"] == isa.default_loop() and d["host_loops"] == list(loops) and d["cpu"]
+
+
 def test_cpu_features_and_path_switch():
     feats = K.cpu_features()
-    assert feats["path"] in K.PATHS and isinstance(feats["avx512_vnni"], bool)
-    with pytest.raises(ValueError):
+    assert feats["path"] in K.PATHS and feats["loop"] == feats["path"] and isinstance(feats["avx512_vnni"], bool)
+    with pytest.raises(ValueError, match="choose one of"):
         K.set_path("gpu")
+    foreign = next(name for name in isa.LOOPS if name not in HOST_LOOPS)
+    before = K.get_path()
+    with pytest.raises(RuntimeError, match="portable"):
+        K.set_path(foreign)
+    assert K.get_path() == before
+    K.set_path("fallback")
+    try:
+        assert K.get_path() == "portable"
+    finally:
+        K.set_path(before)
 
 
-def test_env_var_selects_fallback():
+def _path_in_subprocess(value: str) -> subprocess.CompletedProcess:
     code = "from g2quant.targets.cpu import kernels as K; print(K.get_path())"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={**os.environ, "G2QUANT_KERNEL": "fallback"})
-    assert out.stdout.strip() == "fallback"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, isa.ENV_VAR: value})
+
+
+def test_env_var_selects_the_loop():
+    for value, want in [("fallback", "portable"), (HOST_LOOPS[0], HOST_LOOPS[0]), (HOST_LOOPS[-1], "portable"),
+                        ("", HOST_LOOPS[0])] + ([("vnni", "avx512-vnni")] if "avx512-vnni" in HOST_LOOPS else []):
+        out = _path_in_subprocess(value)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip() == want
+
+
+def test_env_var_errors_name_the_choices():
+    out = _path_in_subprocess("avx9000")
+    assert out.returncode != 0
+    assert "ValueError" in out.stderr and "G2QUANT_KERNEL='avx9000'" in out.stderr
+    assert all(name in out.stderr for name in isa.LOOPS)
+    foreign = next(name for name in isa.LOOPS if name not in HOST_LOOPS)
+    out = _path_in_subprocess(foreign)
+    assert out.returncode != 0
+    assert "RuntimeError" in out.stderr and f"cannot run the {foreign!r}" in out.stderr
+    assert all(name in out.stderr for name in HOST_LOOPS)
+
+
+# ----------------------------------------------------------------------------- generated code
+
+def _panel_caller(loop):
+    """A fresh (uncached) njit function calling ``panel_u4`` with a constant loop, for asm checks."""
+    @njit
+    def f(w, x, out, scale):
+        V.panel_u4(w, 0, x, 0, 2, 0, np.float32(1.0), scale, 0, scale, 0, out, 0, 16, 0, loop)
+    return f
+
+
+@pytest.mark.parametrize("loop", HOST_LOOPS)
+def test_generated_code_uses_the_loop_instructions(loop):
+    """Each loop's kernel holds its own instructions and nothing wider: the avx2 and avx-vnni
+    kernels no zmm (their functions switch AVX-512 off), avx-vnni the VEX encoding."""
+    f = _panel_caller(isa.loop_id(loop))
+    w, x = np.zeros(16 * 128, np.uint8), np.zeros(256, np.int8)
+    out, scale = np.zeros(16, np.float32), np.ones(16, np.float32)
+    f(w, x, out, scale)
+    asm = f.inspect_asm(f.signatures[0])
+    name = f"g2quant_panel_u4_{loop.replace('-', '_')}"
+    body = re.split(r"\n(?=[A-Za-z_$][\w.$]*:\n)", asm[asm.index(f"\n{name}:\n") + 1:])[0]
+    want = {"avx512-vnni": [r"vpdpbusd\s+%zmm"], "avx-vnni": [r"\{vex\}\s+vpdpbusd\s+%ymm"],
+            "avx2": [r"vpmaddubsw\s+%ymm", r"vpmaddwd\s+%ymm"], "neon-dotprod": [r"sdot\s+v\d+\.4s"],
+            "neon": [r"smull2?\s+v\d+\.8h", r"[su]adalp\s+v\d+\.4s|saddlp\s+v\d+\.4s"], "portable": []}[loop]
+    for pattern in want:
+        assert re.search(pattern, body), (loop, pattern)
+    if loop in ("avx2", "avx-vnni"):
+        assert "zmm" not in body
+    if loop != "avx512-vnni":
+        assert not re.search(r"vpdpbusd\s+%zmm", body)
+    np.testing.assert_array_equal(out, 0)
+
+
+def test_non_literal_loop_is_rejected():
+    @njit
+    def f(w, x, out, scale, loop):
+        V.panel_u4(w, 0, x, 0, 2, 0, np.float32(1.0), scale, 0, scale, 0, out, 0, 16, 0, loop)
+
+    @njit
+    def g(w, x, out, scale, k):
+        f(w, x, out, scale, k + 1)            # a computed loop id cannot become a literal
+
+    args = (np.zeros(16 * 128, np.uint8), np.zeros(256, np.int8), np.zeros(16, np.float32), np.ones(16, np.float32))
+    with pytest.raises(Exception, match="literal"):
+        g(*args, 0)
+    with pytest.raises(Exception, match="kernel loop"):
+        f(*args[:4], 99)                      # literal, but no such loop
 
 
 def test_vectorizable_exp_and_tanh():

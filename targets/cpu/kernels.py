@@ -40,48 +40,46 @@ rows are still computed where ``i = 0``: at hidden ≥ 650 the step is bound by 
 bytes, and skipping ``g`` rows only saves bytes with a separate, gathered ``g`` layout (≤ 1/8 of
 the layer bytes at a 50 % closed input gate) — not worth a second pass in this version.
 
-Paths: ``"vnni"`` (AVX512-VNNI) or ``"fallback"`` (portable vector IR, same layout). The default
-is VNNI when the CPU has it, unless the environment sets ``G2QUANT_KERNEL=fallback``;
-``set_path`` switches at run time. Each path has its own Numba entry points (``kernels_jit``),
-compiled on first use and cached (``cache=True``).
+Inner loops ("paths"): one per instruction set, ``isa.LOOPS`` = avx512-vnni, avx-vnni, avx2,
+neon-dotprod, neon, portable, all on the same layout and all exact. The default is the best loop
+the CPU can execute (``isa.default_loop()``), unless the environment sets ``G2QUANT_KERNEL`` to
+another one (old names: ``vnni``, ``fallback``); ``set_path`` switches at run time. Each loop has
+its own Numba entry points (``kernels_jit.QMATMUL`` / ``LM_STEP``), compiled on first use and
+cached (``cache=True``).
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from functools import cached_property
 
-import llvmlite.binding as llvm
 import numpy as np
 
 from ..qweights import QMatrix, QuantLMWeights
-from . import kernels_jit
-from .kernels_vnni import BATCH_VECS, CHUNK_BYTES, HOST_VNNI, PANEL_ROWS, TILE_ROWS, code_params, k_block
+from . import isa, kernels_jit
+from .kernels_vnni import BATCH_VECS, CHUNK_BYTES, PANEL_ROWS, TILE_ROWS, code_params, k_block
 
-PATHS = ("vnni", "fallback")
+PATHS = isa.LOOPS
 
-_path = "fallback" if os.environ.get("G2QUANT_KERNEL") == "fallback" or not HOST_VNNI else "vnni"
+_path = isa.default_loop()
 
 
 def set_path(path: str) -> None:
-    """Select the inner loop: ``"vnni"`` (needs AVX512-VNNI) or ``"fallback"``."""
+    """Select the inner loop by name (``isa.LOOPS``, or the old ``"vnni"`` / ``"fallback"``);
+    ValueError for an unknown name, RuntimeError for a loop this CPU cannot execute."""
     global _path
-    if path not in PATHS:
-        raise ValueError(f"path must be one of {PATHS}, got {path!r}")
-    if path == "vnni" and not HOST_VNNI:
-        raise RuntimeError("this CPU has no AVX512-VNNI; use the 'fallback' path")
-    _path = path
+    _path = isa.check_host(path)
 
 
 def get_path() -> str:
-    """The active inner loop, ``"vnni"`` or ``"fallback"``."""
+    """The active inner loop (a name in ``isa.LOOPS``)."""
     return _path
 
 
 def cpu_features() -> dict:
-    """Host CPU name, the SIMD features the kernels care about, and the active path."""
-    feats = llvm.get_host_cpu_features()
-    out = {"cpu": llvm.get_host_cpu_name()}
+    """``isa.describe()`` for the active loop (machine, CPU name, features, the loops this CPU can
+    run, ``loop``), plus ``path`` (= ``loop``) and the old x86 flag keys."""
+    out = isa.describe(_path)
+    feats = out["features"]
     for key, name in (("avx2", "avx2"), ("avx512f", "avx512f"), ("avx512bw", "avx512bw"),
                       ("avx512_vnni", "avx512vnni"), ("avx_vnni", "avxvnni")):
         out[key] = bool(feats.get(name, False))
@@ -219,8 +217,7 @@ def qmatmul(km: KMatrix, x: np.ndarray, act_bits: int | None = 8, out: np.ndarra
         out = np.empty((x.shape[0], km.rows), np.float32)
     elif out.shape != (x.shape[0], km.rows) or out.dtype != np.float32 or not out.flags.c_contiguous:
         raise ValueError(f"out must be a C-contiguous float32 array of shape {(x.shape[0], km.rows)}")
-    kernel = kernels_jit.qmatmul_vnni if _path == "vnni" else kernels_jit.qmatmul_fallback
-    kernel(km.data, km.scale, km.table, x, out)
+    kernels_jit.QMATMUL[_path](km.data, km.scale, km.table, x, out)
     return out
 
 
@@ -324,8 +321,7 @@ def lm_step(km: KModel, tokens: np.ndarray, h: np.ndarray, c: np.ndarray) -> np.
     if not km.fast:
         return _lm_step_generic(km, tokens, h, c)
     bufs = km.scratch(nb)
-    kernel = kernels_jit.lm_step_vnni if _path == "vnni" else kernels_jit.lm_step_fallback
-    kernel(km.wbuf, km.fbuf, km.mats, km.bias_off, km.hard, tokens, h, c, *bufs)
+    kernels_jit.LM_STEP[_path](km.wbuf, km.fbuf, km.mats, km.bias_off, km.hard, tokens, h, c, *bufs)
     return bufs[-1]
 
 

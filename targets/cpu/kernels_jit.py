@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from .isa import LOOPS
 from .kernels_vnni import (BATCH_VECS, CHUNK_BYTES, PANEL_ROWS, PANEL_TILES, TILE_ROWS, batch_u1, batch_u2,
                            batch_u4, batch_u8, bits_to_f32, panel_u1, panel_u2, panel_u4, panel_u8)
 
@@ -220,25 +221,27 @@ def _lm_step_kernel(use_vnni, wbuf, fbuf, mats, bias_off, hard, tokens, h, c,
             np.int64(-1), xq, sx, sumx, np.int64(0), np.int64(0))
 
 
-# Entry points, one per inner loop: the constant ``use_vnni`` reaches the intrinsics as a literal,
-# so each entry compiles only its own path (and a machine without VNNI never compiles VNNI).
+# Entry points, one per inner loop (``isa.LOOPS``): each passes its loop id as a constant, which
+# reaches the intrinsics as a Numba literal, so each entry compiles only its own loop (and a
+# machine without VNNI never compiles VNNI). ``QMATMUL[name]`` / ``LM_STEP[name]`` map loop names
+# to entries; the ``*_vnni`` / ``*_fallback`` names are the old ones (avx512-vnni / portable).
 
-@njit(cache=True)
-def qmatmul_vnni(wbuf, fbuf, mats, x, out):
-    _qmatmul_kernel(True, wbuf, fbuf, mats, x, out)
-
-
-@njit(cache=True)
-def qmatmul_fallback(wbuf, fbuf, mats, x, out):
-    _qmatmul_kernel(False, wbuf, fbuf, mats, x, out)
-
-
-@njit(cache=True)
-def lm_step_vnni(wbuf, fbuf, mats, bias_off, hard, tokens, h, c, xf, xq, hq, sx, sumx, sh, sumh, a, logits):
-    _lm_step_kernel(True, wbuf, fbuf, mats, bias_off, hard, tokens, h, c, xf, xq, hq, sx, sumx, sh, sumh, a, logits)
+def _qmatmul_entry(loop):
+    def qmatmul(wbuf, fbuf, mats, x, out):
+        _qmatmul_kernel(loop, wbuf, fbuf, mats, x, out)
+    qmatmul.__name__ = qmatmul.__qualname__ = f"qmatmul_{LOOPS[loop].replace('-', '_')}"
+    return njit(cache=True)(qmatmul)
 
 
-@njit(cache=True)
-def lm_step_fallback(wbuf, fbuf, mats, bias_off, hard, tokens, h, c, xf, xq, hq, sx, sumx, sh, sumh, a, logits):
-    _lm_step_kernel(False, wbuf, fbuf, mats, bias_off, hard, tokens, h, c, xf, xq, hq, sx, sumx, sh, sumh, a,
-                    logits)
+def _lm_step_entry(loop):
+    def lm_step(wbuf, fbuf, mats, bias_off, hard, tokens, h, c, xf, xq, hq, sx, sumx, sh, sumh, a, logits):
+        _lm_step_kernel(loop, wbuf, fbuf, mats, bias_off, hard, tokens, h, c, xf, xq, hq, sx, sumx, sh, sumh, a,
+                        logits)
+    lm_step.__name__ = lm_step.__qualname__ = f"lm_step_{LOOPS[loop].replace('-', '_')}"
+    return njit(cache=True)(lm_step)
+
+
+QMATMUL = {name: _qmatmul_entry(i) for i, name in enumerate(LOOPS)}
+LM_STEP = {name: _lm_step_entry(i) for i, name in enumerate(LOOPS)}
+qmatmul_vnni, qmatmul_fallback = QMATMUL["avx512-vnni"], QMATMUL["portable"]
+lm_step_vnni, lm_step_fallback = LM_STEP["avx512-vnni"], LM_STEP["portable"]

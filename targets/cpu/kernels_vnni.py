@@ -11,28 +11,50 @@ hold the unsigned weight code for column ``k = c·64·P + p·64 + t``. Unpacking
 shift and one mask of a ``<64 x i8>`` register, and the plane then lines up with the 64
 activation bytes ``x[c·64·P + p·64 : +64]``.
 
-One call returns 16 int32 sums ``Σ_k u[r, k] · x_v[k]`` (u unsigned, x signed int8) over all
-chunks, as a Numba ``UniTuple(int32, 16)``:
+One call computes 16 int32 sums ``Σ_k u[r, k] · x_v[k]`` (u unsigned, x signed int8) over all
+chunks and stores them scaled (``s_r·s_x·(mult·Σu·x − offset·Σx)``, plus bias) into ``out``:
 - ``panel_u{bw}``: 4 consecutive tiles (16 rows) × one vector (the batch-1 streaming case);
-  two accumulators per row (alternating by plane) hide the ``vpdpbusd`` latency.
-- ``batch_u{bw}``: one tile × 4 vectors: each unpacked weight register feeds 4 products.
+  two accumulators per row (alternating) hide the multiply-add latency.
+- ``batch_u{bw}``: one tile × 4 vectors: each unpacked weight register feeds 4 products (on
+  ISAs with 16 vector registers in two passes of 2 vectors, so the accumulators stay in
+  registers).
 In both the x planes are loaded once per chunk and shared by the four rows of a tile,
 ``llvm.prefetch`` runs ``PREFETCH_BYTES`` ahead in the weight stream, and the 16 horizontal
-sums come out of one shuffle/add tree (``_fold``) instead of 16 separate reductions.
+sums come out of one shuffle/add tree (``_reduce``) instead of 16 separate reductions.
 
-Two instruction choices share the loop skeleton:
-- ``vnni``: ``llvm.x86.avx512.vpdpbusd.512`` (4 u8×s8 products summed into each i32 lane).
-- ``generic``: the same sum written with plain vector IR (zext/sext to i32, multiply,
-  add the four lanes of each group). It compiles for any LLVM target and is the fallback
-  for CPUs without AVX512-VNNI. Both are exact, so both equal the NumPy reference.
+Inner loops (``isa.LOOPS``; the last argument of every intrinsic is the loop id as a Numba
+*literal* int, so only that loop's IR is emitted; literal ``True``/``False`` still mean
+avx512-vnni/portable). All are exact: integer sums, no saturation for any code and
+``|x| ≤ 127`` (an accumulator only matters through the sum of its lanes, so each loop may
+spread the products over its lanes as it likes):
+- ``avx512-vnni``: ``llvm.x86.avx512.vpdpbusd.512`` (u8×s8, 4 products per i32 lane), zmm.
+- ``avx-vnni``: ``llvm.x86.avx512.vpdpbusd.256`` in a function with AVX-VNNI and without
+  AVX-512, which LLVM encodes as VEX ``{vex} vpdpbusd`` on ymm.
+- ``avx2``: ``vpmaddubsw`` (u8×s8 → s16 pairs, ≤ 2·15·127 for 1–4-bit codes, so all planes of a
+  chunk add up in s16) then ``vpmaddwd`` with ones (→ s32). 8-bit codes would saturate
+  ``vpmaddubsw`` (2·255·127 > 32767), so they take the signed code ``q = u − 128`` and the sign
+  trick ``vpmaddubsw(|q|, sign(q)·x)``: ``|q| ≤ 128`` as u8, ``|sign(q)·x| ≤ 127``, pair ≤ 32512.
+- ``neon-dotprod``: ``sdot`` (s8×s8): 1–4-bit codes are ≤ 15, already valid signed bytes;
+  8-bit codes use ``q = u − 128`` (i8mm's mixed-sign ``usdot`` is not on Cortex-A76).
+- ``neon``: ``smull`` (s8×s8 → s16) summed in s16 as far as the bound allows, then
+  ``saddlp`` (pairwise widen to s32) and add.
+- ``portable``: plain vector IR, i16 products (``255·127 < 2^15``) summed in i16 as far as the
+  bound allows, widened to i32 by contiguous slices: fast to compile on any LLVM target.
+Where a loop uses the signed code ``q = u − 128`` its sums are ``Σ q·x`` directly and the
+epilogue drops the ``offset·Σx`` term accordingly (``_Loop.code_bias``).
+
+Each kernel function carries the target features of its loop (``"target-features"`` attribute,
+appended to the ones Numba compiles for), so it compiles whatever ``NUMBA_CPU_NAME`` says,
+and the avx2/avx-vnni kernels contain no AVX-512 instruction even on an AVX-512 host.
 """
 from __future__ import annotations
 
-import llvmlite.binding as llvm
 import llvmlite.ir as ir
 from numba import types
-from numba.core import cgutils
+from numba.core import cgutils, errors
 from numba.extending import intrinsic
+
+from . import isa
 
 TILE_ROWS = 4            # rows interleaved per tile: each x block load is shared by 4 rows
 PANEL_TILES = 4          # tiles per "panel" call (16 rows, batch 1)
@@ -40,17 +62,18 @@ PANEL_ROWS = TILE_ROWS * PANEL_TILES
 BATCH_VECS = 4           # activation vectors per "batch" call (one tile)
 CHUNK_BYTES = 64
 PREFETCH_BYTES = 4096    # how far ahead in the weight stream to prefetch
+S16_MAX = 2 ** 15 - 1
+ACT_QMAX = 127
 
-I8, I32, I64 = ir.IntType(8), ir.IntType(32), ir.IntType(64)
+I1, I8, I16, I32, I64 = ir.IntType(1), ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
 V64I8 = ir.VectorType(I8, 64)
 V16I32 = ir.VectorType(I32, 16)
-V64I32 = ir.VectorType(I32, 64)
 PTR = ir.PointerType()
 
 
 def host_has_vnni() -> bool:
-    """True when the host CPU (as LLVM sees it) supports AVX512-VNNI."""
-    return llvm.get_host_cpu_features().get("avx512vnni", False)
+    """True when this CPU can run the avx512-vnni loop."""
+    return "avx512-vnni" in isa.host_loops()
 
 
 HOST_VNNI = host_has_vnni()
@@ -76,6 +99,10 @@ def _const(ty, v):
     return ir.Constant(ty, v)
 
 
+def _vec_const(ty: ir.VectorType, value: int) -> ir.Constant:
+    return ir.Constant(ty, [ir.Constant(ty.element, value)] * ty.count)
+
+
 def _broadcast(b: ir.IRBuilder, value, vty: ir.VectorType):
     zero = ir.Constant(vty, None)
     return b.shuffle_vector(b.insert_element(zero, value, _const(I32, 0)), zero,
@@ -86,115 +113,302 @@ def _declare(module, name, ret, args):
     return cgutils.get_or_insert_function(module, ir.FunctionType(ret, args), name)
 
 
-def _splat(value: int) -> ir.Constant:
-    return ir.Constant(V64I8, [ir.Constant(I8, value)] * 64)
+def _shuffle(b: ir.IRBuilder, vec, idx):
+    return b.shuffle_vector(vec, vec, ir.Constant(ir.VectorType(I32, len(idx)), [_const(I32, k) for k in idx]))
 
 
-def _dot_vnni(b: ir.IRBuilder, acc, u, x):
-    fn = _declare(b.module, "llvm.x86.avx512.vpdpbusd.512", V16I32, [V16I32] * 3)
-    return b.call(fn, [acc, b.bitcast(u, V16I32), b.bitcast(x, V16I32)])
+def _slices(b: ir.IRBuilder, vec, n: int) -> list:
+    """``vec`` cut into contiguous slices of ``n`` lanes (free register selections)."""
+    return [_shuffle(b, vec, list(range(s, s + n))) for s in range(0, vec.type.count, n)]
 
 
-_GROUP_MASKS = [ir.Constant(V16I32, [ir.Constant(I32, 4 * i + j) for i in range(16)]) for j in range(4)]
+def _tree_sum(b: ir.IRBuilder, values: list):
+    while len(values) > 1:
+        values = [b.add(values[k], values[k + 1]) if k + 1 < len(values) else values[k]
+                  for k in range(0, len(values), 2)]
+    return values[0]
 
 
-def _dot_generic(b: ir.IRBuilder, acc, u, x):
-    prod = b.mul(b.zext(u, V64I32), b.sext(x, V64I32))
-    for mask in _GROUP_MASKS:
-        acc = b.add(acc, b.shuffle_vector(prod, prod, mask))
-    return acc
+def _groups(values: list, size: int) -> list:
+    return [values[k:k + size] for k in range(0, len(values), size)]
 
 
-def _emit_tile_loop(b: ir.IRBuilder, w, x, x_stride, nchunks, bw: int, vnni: bool, nvec: int):
+class _Chains:
+    """The accumulators of one (row, vector) pair; ``add`` updates them round-robin, so
+    consecutive multiply-adds go to independent dependency chains."""
+
+    def __init__(self, values):
+        self.values, self.next = list(values), 0
+
+    def add(self, fn):
+        k = self.next % len(self.values)
+        self.values[k] = fn(self.values[k])
+        self.next += 1
+
+
+class _Loop:
+    """One inner loop: vector width, accumulator shape, register budget and the multiply-add.
+
+    ``vector_bytes``: bytes per weight/activation vector (64 zmm, 32 ymm, 16 NEON), so a
+    64-byte chunk is handled in ``64 // vector_bytes`` parts; ``lanes``: i32 lanes per
+    accumulator; ``panel_accs``: accumulators per row in the panel kernel; ``batch_group``:
+    vectors per pass of the batch kernel; ``features``: LLVM target features its kernels need
+    (appended to Numba's). ``row_chunk(b, chains, us, xs, bw)`` adds
+    ``Σ_p Σ_t (us[p][t] − code_bias(bw))·xs[p][t]`` over the planes of one row part (``us``/``xs``:
+    ``<vector_bytes x i8>`` codes and activations per plane) into ``chains``."""
+
+    name = ""
+    vector_bytes = 64
+    lanes = 16
+    panel_accs = 2
+    batch_group = BATCH_VECS
+    features = ""
+
+    def code_bias(self, bw: int) -> int:
+        return 0
+
+    @property
+    def acc_type(self) -> ir.VectorType:
+        return ir.VectorType(I32, self.lanes)
+
+    def row_chunk(self, b, chains: _Chains, us: list, xs: list, bw: int) -> None:
+        raise NotImplementedError
+
+    def _signed(self, b, u, bw):
+        """Codes as signed bytes: as they are for bw ≤ 4 (u ≤ 15), ``u − 128`` for bw 8."""
+        return b.xor(u, _vec_const(u.type, -128)) if self.code_bias(bw) else u
+
+    def _max_code(self, bw):
+        """Largest |code| the products see: 128 for the signed 8-bit code, else 2^bw − 1."""
+        return 128 if self.code_bias(bw) else (1 << bw) - 1
+
+
+class _Avx512Vnni(_Loop):
+    name, vector_bytes, lanes, features = "avx512-vnni", 64, 16, "+avx512f,+avx512bw,+avx512vnni"
+
+    def row_chunk(self, b, chains, us, xs, bw):
+        fn = _declare(b.module, "llvm.x86.avx512.vpdpbusd.512", V16I32, [V16I32] * 3)
+        for u, x in zip(us, xs):
+            chains.add(lambda a: b.call(fn, [a, b.bitcast(u, V16I32), b.bitcast(x, V16I32)]))
+
+
+class _AvxVnni(_Loop):
+    name, vector_bytes, lanes, batch_group = "avx-vnni", 32, 8, 2
+    features = "+avx2,+avxvnni,-avx512f"
+
+    def row_chunk(self, b, chains, us, xs, bw):
+        v8 = ir.VectorType(I32, 8)
+        fn = _declare(b.module, "llvm.x86.avx512.vpdpbusd.256", v8, [v8] * 3)
+        for u, x in zip(us, xs):
+            chains.add(lambda a: b.call(fn, [a, b.bitcast(u, v8), b.bitcast(x, v8)]))
+
+
+class _Avx2(_Loop):
+    name, vector_bytes, lanes, batch_group = "avx2", 32, 8, 2
+    features = "+avx2,-avx512f,-avxvnni,-gfni"
+
+    def code_bias(self, bw):
+        return 128 if bw == 8 else 0
+
+    def row_chunk(self, b, chains, us, xs, bw):
+        v32i8, v16i16, v8i32 = ir.VectorType(I8, 32), ir.VectorType(I16, 16), ir.VectorType(I32, 8)
+        maddubs = _declare(b.module, "llvm.x86.avx2.pmadd.ub.sw", v16i16, [v32i8, v32i8])
+        maddwd = _declare(b.module, "llvm.x86.avx2.pmadd.wd", v8i32, [v16i16, v16i16])
+        pairs = []                                  # s16 vectors of pair sums, exact
+        for u, x in zip(us, xs):
+            if self.code_bias(bw):                  # sign trick: |q| (u8, ≤ 128) × sign(q)·x
+                q = self._signed(b, u, bw)
+                absq = b.call(_declare(b.module, "llvm.abs.v32i8", v32i8, [v32i8, I1]), [q, _const(I1, 0)])
+                sx = b.call(_declare(b.module, "llvm.x86.avx2.psign.b", v32i8, [v32i8, v32i8]), [x, q])
+                pairs.append(b.call(maddubs, [absq, sx]))
+            else:
+                pairs.append(b.call(maddubs, [u, x]))
+        ones = _vec_const(v16i16, 1)
+        for group in _groups(pairs, S16_MAX // (2 * self._max_code(bw) * ACT_QMAX)):
+            s16 = _tree_sum(b, group)
+            chains.add(lambda a: b.add(a, b.call(maddwd, [s16, ones])))
+
+
+class _NeonDotprod(_Loop):
+    name, vector_bytes, lanes, batch_group, features = "neon-dotprod", 16, 4, 2, "+neon,+dotprod"
+
+    def code_bias(self, bw):
+        return 128 if bw == 8 else 0
+
+    def row_chunk(self, b, chains, us, xs, bw):
+        v16i8, v4i32 = ir.VectorType(I8, 16), ir.VectorType(I32, 4)
+        fn = _declare(b.module, "llvm.aarch64.neon.sdot.v4i32.v16i8", v4i32, [v4i32, v16i8, v16i8])
+        for u, x in zip(us, xs):
+            q = self._signed(b, u, bw)
+            chains.add(lambda a: b.call(fn, [a, q, x]))
+
+
+class _Neon(_Loop):
+    name, vector_bytes, lanes, batch_group, features = "neon", 16, 4, 2, "+neon"
+
+    def code_bias(self, bw):
+        return 128 if bw == 8 else 0
+
+    def row_chunk(self, b, chains, us, xs, bw):
+        v8i8, v8i16, v4i32 = ir.VectorType(I8, 8), ir.VectorType(I16, 8), ir.VectorType(I32, 4)
+        smull = _declare(b.module, "llvm.aarch64.neon.smull.v8i16", v8i16, [v8i8, v8i8])
+        saddlp = _declare(b.module, "llvm.aarch64.neon.saddlp.v4i32.v8i16", v4i32, [v8i16])
+        prods = [b.call(smull, [uh, xh]) for u, x in zip(us, xs)
+                 for uh, xh in zip(_slices(b, self._signed(b, u, bw), 8), _slices(b, x, 8))]
+        for group in _groups(prods, S16_MAX // (self._max_code(bw) * ACT_QMAX)):
+            s16 = _tree_sum(b, group)
+            chains.add(lambda a: b.add(a, b.call(saddlp, [s16])))
+
+
+class _Portable(_Loop):
+    name, vector_bytes, lanes, batch_group = "portable", 32, 8, 2
+
+    def row_chunk(self, b, chains, us, xs, bw):
+        v32i16, v8i32 = ir.VectorType(I16, 32), ir.VectorType(I32, 8)
+        max_prod = self._max_code(bw) * ACT_QMAX
+        prods = [b.mul(b.zext(u, v32i16), b.sext(x, v32i16)) for u, x in zip(us, xs)]
+        per_group = S16_MAX // max_prod
+        for group in _groups(prods, per_group):
+            s16, bound = _tree_sum(b, group), len(group) * max_prod
+            while s16.type.count > 8 and 2 * bound <= S16_MAX:      # halve in i16 while exact
+                lo, hi = _slices(b, s16, s16.type.count // 2)
+                s16, bound = b.add(lo, hi), 2 * bound
+            total = _tree_sum(b, [b.sext(s, v8i32) for s in _slices(b, s16, 8)])
+            chains.add(lambda a: b.add(a, total))
+
+
+_LOOP_IMPLS = {impl.name: impl for impl in (_Avx512Vnni(), _AvxVnni(), _Avx2(), _NeonDotprod(), _Neon(), _Portable())}
+assert tuple(_LOOP_IMPLS) == isa.LOOPS
+
+
+def loop_impl(loop) -> _Loop:
+    """The ``_Loop`` of a loop id, name, or legacy bool (True = avx512-vnni, False = portable)."""
+    if isinstance(loop, bool):
+        return _LOOP_IMPLS["avx512-vnni" if loop else "portable"]
+    return _LOOP_IMPLS[isa.loop_name(loop) if isinstance(loop, int) else isa.canonical(loop)]
+
+
+def _emit_tile_loop(b: ir.IRBuilder, w, x, x_stride, nchunks, bw: int, loop: _Loop, nvec: int, x_off: int = 0,
+                    n_iter=None):
     """Emit the chunk loop of one tile (4 rows) against ``nvec`` activation vectors spaced
-    ``x_stride`` bytes apart; returns ``sums[r][v]`` (``<16 x i32>`` partial sums) with the
-    builder positioned after the loop."""
+    ``x_stride`` bytes apart (starting at vector ``x_off``); returns ``sums[r][v]`` (partial
+    sums, ``loop.acc_type``) with the builder positioned after the loop. ``n_iter`` overrides
+    the iteration count (0 skips the loop; the sums are then zero). Each 64-byte chunk is
+    handled in parts of ``loop.vector_bytes``: per part the x planes are loaded once, then each
+    row's part is loaded, unpacked and consumed, which keeps few registers live."""
     fn, pre = b.function, b.block
-    loop, done = fn.append_basic_block("loop"), fn.append_basic_block("done")
-    dot = _dot_vnni if vnni else _dot_generic
-    planes, cpi = 8 // bw, chunks_per_iter(bw)
-    nacc = 2 if nvec == 1 else 1                   # enough independent vpdpbusd chains either way
-    n_iter = b.lshr(nchunks, _const(I64, cpi - 1))
-    zero = ir.Constant(V16I32, None)
-    b.cbranch(b.icmp_signed(">", n_iter, _const(I64, 0)), loop, done)
+    body, done = fn.append_basic_block("loop"), fn.append_basic_block("done")
+    planes, cpi, vb = 8 // bw, chunks_per_iter(bw), loop.vector_bytes
+    vty = ir.VectorType(I8, vb)
+    nacc = loop.panel_accs if nvec == 1 else 1     # enough independent chains either way
+    if n_iter is None:
+        n_iter = b.lshr(nchunks, _const(I64, cpi - 1))
+    acc_t = loop.acc_type
+    zero = ir.Constant(acc_t, None)
+    b.cbranch(b.icmp_signed(">", n_iter, _const(I64, 0)), body, done)
 
-    b.position_at_end(loop)
+    b.position_at_end(body)
     i = b.phi(I64, "i")
-    phis = [[[b.phi(V16I32) for _ in range(nacc)] for _ in range(nvec)] for _ in range(TILE_ROWS)]
-    accs = [[list(a) for a in row] for row in phis]
+    phis = [[[b.phi(acc_t) for _ in range(nacc)] for _ in range(nvec)] for _ in range(TILE_ROWS)]
+    chains = [[_Chains(a) for a in row] for row in phis]
     w_it = b.gep(w, [b.mul(i, _const(I64, cpi * TILE_ROWS * CHUNK_BYTES))], source_etype=I8)
     x_it = b.gep(x, [b.mul(i, _const(I64, cpi * planes * CHUNK_BYTES))], source_etype=I8)
     prefetch = _declare(b.module, "llvm.prefetch.p0", ir.VoidType(), [PTR, I32, I32, I32])
     for line in range(cpi * TILE_ROWS):
         b.call(prefetch, [b.gep(w_it, [_const(I64, PREFETCH_BYTES + line * CHUNK_BYTES)], source_etype=I8),
                           _const(I32, 0), _const(I32, 3), _const(I32, 1)])
-    x_vecs = [x_it if v == 0 else b.gep(x_it, [b.mul(x_stride, _const(I64, v))], source_etype=I8)
+    x_vecs = [x_it if v + x_off == 0 else b.gep(x_it, [b.mul(x_stride, _const(I64, v + x_off))], source_etype=I8)
               for v in range(nvec)]
-    step = 0
+    mask = _vec_const(vty, (1 << bw) - 1)
+
+    def load(ptr, off):
+        return b.load(b.gep(ptr, [_const(I64, off)], source_etype=I8), typ=vty, align=1)
+
     for cc in range(cpi):
-        xs = [[b.load(b.gep(xv, [_const(I64, (cc * planes + p) * CHUNK_BYTES)], source_etype=I8),
-                      typ=V64I8, align=1) for p in range(planes)] for xv in x_vecs]
-        for r in range(TILE_ROWS):
-            off = (cc * TILE_ROWS + r) * CHUNK_BYTES
-            word = b.load(b.gep(w_it, [_const(I64, off)], source_etype=I8), typ=V64I8, align=1)
-            for p in range(planes):
-                u = word if p == 0 else b.lshr(word, _splat(p * bw))
-                if p < planes - 1:
-                    u = b.and_(u, _splat((1 << bw) - 1))
-                a = (step + p) % nacc
+        for part in range(CHUNK_BYTES // vb):
+            xs = [[load(xv, (cc * planes + p) * CHUNK_BYTES + part * vb) for p in range(planes)] for xv in x_vecs]
+            for r in range(TILE_ROWS):
+                word = load(w_it, (cc * TILE_ROWS + r) * CHUNK_BYTES + part * vb)
+                us = []
+                for p in range(planes):
+                    u = word if p == 0 else b.lshr(word, _vec_const(vty, p * bw))
+                    us.append(b.and_(u, mask) if p < planes - 1 else u)
                 for v in range(nvec):
-                    accs[r][v][a] = dot(b, accs[r][v][a], u, xs[v][p])
-        step += planes
+                    loop.row_chunk(b, chains[r][v], us, xs[v], bw)
     i_next = b.add(i, _const(I64, 1))
-    b.cbranch(b.icmp_signed("<", i_next, n_iter), loop, done)
+    b.cbranch(b.icmp_signed("<", i_next, n_iter), body, done)
     i.add_incoming(_const(I64, 0), pre)
-    i.add_incoming(i_next, loop)
+    i.add_incoming(i_next, body)
     for r in range(TILE_ROWS):
         for v in range(nvec):
             for a in range(nacc):
                 phis[r][v][a].add_incoming(zero, pre)
-                phis[r][v][a].add_incoming(accs[r][v][a], loop)
+                phis[r][v][a].add_incoming(chains[r][v].values[a], body)
 
     b.position_at_end(done)
-    exits = [[[b.phi(V16I32) for _ in range(nacc)] for _ in range(nvec)] for _ in range(TILE_ROWS)]
+    exits = [[[b.phi(acc_t) for _ in range(nacc)] for _ in range(nvec)] for _ in range(TILE_ROWS)]
     for r in range(TILE_ROWS):
         for v in range(nvec):
             for a in range(nacc):
                 exits[r][v][a].add_incoming(zero, pre)
-                exits[r][v][a].add_incoming(accs[r][v][a], loop)
-    return [[exits[r][v][0] if nacc == 1 else b.add(*exits[r][v]) for v in range(nvec)] for r in range(TILE_ROWS)]
+                exits[r][v][a].add_incoming(chains[r][v].values[a], body)
+    return [[_tree_sum(b, exits[r][v]) for v in range(nvec)] for r in range(TILE_ROWS)]
 
 
 def _fold(b: ir.IRBuilder, xv, yv, width: int):
-    """Two vectors of 16/width segments of ``width`` lanes -> one vector of twice as many
+    """Two vectors of ``L/width`` segments of ``width`` lanes -> one vector of twice as many
     segments of half the width (segment sums kept, X's segments first)."""
-    half, segs = width // 2, 16 // width
+    lanes = xv.type.count
+    half, segs = width // 2, lanes // width
     lo = [s * width + t for s in range(segs) for t in range(half)]
     hi = [s * width + half + t for s in range(segs) for t in range(half)]
 
     def mask(idx):
-        return ir.Constant(V16I32, [_const(I32, k) for k in idx + [16 + k for k in idx]])
+        return ir.Constant(ir.VectorType(I32, lanes), [_const(I32, k) for k in idx + [lanes + k for k in idx]])
 
     return b.add(b.shuffle_vector(xv, yv, mask(lo)), b.shuffle_vector(xv, yv, mask(hi)))
 
 
-def _reduce(b: ir.IRBuilder, vecs: list, width: int = 16):
-    """Fold a power-of-two list of vectors (segments of ``width``) down to one vector."""
-    while len(vecs) > 1:
+def _reduce(b: ir.IRBuilder, vecs: list, width: int | None = None):
+    """Sum the segments of a power-of-two list of vectors (each ``L`` lanes in segments of
+    ``width``, default one segment): returns ``(vector, width)`` holding the segment sums in list
+    order, as one vector of ``L`` lanes when they fit (folds), else concatenated."""
+    width = vecs[0].type.count if width is None else width
+    while len(vecs) > 1 and width > 1:
         vecs = [_fold(b, vecs[k], vecs[k + 1], width) for k in range(0, len(vecs), 2)]
         width //= 2
+    while len(vecs) > 1:
+        n = vecs[0].type.count
+        vecs = [b.shuffle_vector(vecs[k], vecs[k + 1], ir.Constant(ir.VectorType(I32, 2 * n),
+                                                                    [_const(I32, j) for j in range(2 * n)]))
+                for k in range(0, len(vecs), 2)]
     return vecs[0], width
 
 
-def _panel_sums(b: ir.IRBuilder, w, x, nchunks, bw: int, vnni: bool):
+def _panel_sums(b: ir.IRBuilder, w, x, nchunks, bw: int, loop: _Loop):
     """16 int32 sums (one per row) of the 4 consecutive tiles at ``w`` against ``x``."""
     tile_bytes = b.mul(nchunks, _const(I64, TILE_ROWS * CHUNK_BYTES))
     parts = []
     for t in range(PANEL_TILES):
         wt = b.gep(w, [b.mul(tile_bytes, _const(I64, t))], source_etype=I8)
-        sums = _emit_tile_loop(b, wt, x, None, nchunks, bw, vnni, nvec=1)
-        parts.append(_reduce(b, [row[0] for row in sums])[0])
-    return _reduce(b, parts, 16 // TILE_ROWS)[0]
+        sums = _emit_tile_loop(b, wt, x, None, nchunks, bw, loop, nvec=1)
+        parts.append(_reduce(b, [row[0] for row in sums]))
+    return _reduce(b, [v for v, _ in parts], parts[0][1])[0]
+
+
+def _batch_sums(b: ir.IRBuilder, w, x, x_stride, nchunks, nvec, bw: int, loop: _Loop):
+    """16 int32 sums (lane ``4r + v``) of one tile against 4 vectors, in passes of
+    ``loop.batch_group`` vectors (a pass whose vectors are all beyond ``nvec`` is skipped)."""
+    sums = [[] for _ in range(TILE_ROWS)]
+    group = loop.batch_group
+    for v0 in range(0, BATCH_VECS, group):
+        n_iter = b.lshr(nchunks, _const(I64, chunks_per_iter(bw) - 1))
+        if v0:
+            n_iter = b.select(b.icmp_signed(">", nvec, _const(I64, v0)), n_iter, _const(I64, 0))
+        part = _emit_tile_loop(b, w, x, x_stride, nchunks, bw, loop, nvec=group, x_off=v0, n_iter=n_iter)
+        for r in range(TILE_ROWS):
+            sums[r] += part[r]
+    return _reduce(b, [s for row in sums for s in row])[0]
 
 
 def _store_rows(b: ir.IRBuilder, y, out, bias, nvalid, flags):
@@ -218,28 +432,28 @@ def _store_rows(b: ir.IRBuilder, y, out, bias, nvalid, flags):
     b.call(mstore, [b.load(slot, typ=vf), out, _const(I32, 4), mask])
 
 
-def _shuffle(b: ir.IRBuilder, vec, idx):
-    return b.shuffle_vector(vec, vec, ir.Constant(ir.VectorType(I32, len(idx)), [_const(I32, k) for k in idx]))
-
-
-def _scale(b: ir.IRBuilder, sums, bw: int, corr_sumx, scale_v, sx_v):
+def _scale(b: ir.IRBuilder, sums, bw: int, loop: _Loop, corr_sumx, scale_v, sx_v):
     """``s_r·s_x·(mult·sum − offset·Σx)`` lane-wise (float order of the reference:
-    ``(float(acc)·s_r)·s_x``); ``corr_sumx`` holds Σx_q per lane."""
+    ``(float(acc)·s_r)·s_x``); ``corr_sumx`` holds Σx_q per lane. When the loop summed
+    ``(u − c)·x`` (``c = loop.code_bias(bw)``) the correction is ``offset − mult·c``."""
     offset, mult = code_params(bw)
-    t = b.shl(sums, ir.Constant(V16I32, [_const(I32, 1)] * 16)) if mult == 2 else sums
-    t = b.sub(t, b.mul(corr_sumx, ir.Constant(V16I32, [_const(I32, offset)] * 16)))
+    offset -= mult * loop.code_bias(bw)
+    t = b.shl(sums, _vec_const(V16I32, 1)) if mult == 2 else sums
+    if offset:
+        t = b.sub(t, b.mul(corr_sumx, _vec_const(V16I32, offset)))
     return b.fmul(b.fmul(b.sitofp(t, scale_v.type), scale_v), sx_v)
 
 
-def _panel_epilogue(b: ir.IRBuilder, sums, bw: int, sumx, sx, scale, bias, out, nvalid, flags):
+def _panel_epilogue(b: ir.IRBuilder, sums, bw: int, loop: _Loop, sumx, sx, scale, bias, out, nvalid, flags):
     """``out[r] (+)= s_r·s_x·(mult·sum_r − offset·Σx) (+ bias[r])`` for the first ``nvalid`` rows."""
     v16f = ir.VectorType(ir.FloatType(), 16)
-    y = _scale(b, sums, bw, _broadcast(b, b.trunc(sumx, I32), V16I32), b.load(scale, typ=v16f, align=4),
+    y = _scale(b, sums, bw, loop, _broadcast(b, b.trunc(sumx, I32), V16I32), b.load(scale, typ=v16f, align=4),
                _broadcast(b, sx, v16f))
     _store_rows(b, y, out, bias, nvalid, flags)
 
 
-def _batch_epilogue(b: ir.IRBuilder, sums, bw: int, sumx, sx, scale, bias, out, out_stride, nrows, nvec, flags):
+def _batch_epilogue(b: ir.IRBuilder, sums, bw: int, loop: _Loop, sumx, sx, scale, bias, out, out_stride, nrows,
+                    nvec, flags):
     """``out[v·out_stride + r] (+)= s_r·s_x[v]·(…) (+ bias[r])`` for rows ``r < nrows`` and
     vectors ``v < nvec`` of one tile × 4 vectors (``sums`` lane ``4r + v``)."""
     v4f, v4q = ir.VectorType(ir.FloatType(), 4), ir.VectorType(I64, 4)
@@ -247,7 +461,7 @@ def _batch_epilogue(b: ir.IRBuilder, sums, bw: int, sumx, sx, scale, bias, out, 
     by_row = [r for _ in range(BATCH_VECS) for r in range(TILE_ROWS)]      # lane 4v + r -> r
     sums_vr = _shuffle(b, sums, [4 * r + v for v, r in zip(by_vec, by_row)])
     sumx_v = _shuffle(b, b.trunc(b.load(sumx, typ=v4q, align=8), ir.VectorType(I32, 4)), by_vec)
-    y = _scale(b, sums_vr, bw, sumx_v, _shuffle(b, b.load(scale, typ=v4f, align=4), by_row),
+    y = _scale(b, sums_vr, bw, loop, sumx_v, _shuffle(b, b.load(scale, typ=v4f, align=4), by_row),
                _shuffle(b, b.load(sx, typ=v4f, align=4), by_vec))
     for v in range(BATCH_VECS):
         with b.if_then(b.icmp_signed(">", nvec, _const(I64, v))):
@@ -260,8 +474,25 @@ _SPECS = {"panel": "AAiifAAAii", "batch": "AAiiAAAAAiiii"}
 _LLVM_ARG = {"A": PTR, "i": I64, "f": ir.FloatType()}
 
 
-def _kernel_function(module: ir.Module, kind: str, bw: int, vnni: bool) -> ir.Function:
-    """Define (once per module) the LLVM function of one kernel kind:
+class _KernelAttributes(ir.values.FunctionAttributes):
+    """Function attributes plus string attributes (``"key"="value"``), which llvmlite's
+    attribute set does not know."""
+
+    def __init__(self, strings):
+        super().__init__()
+        self.strings = list(strings)
+
+    def _to_list(self, ret_type):
+        return super()._to_list(ret_type) + self.strings
+
+
+def _target_features(base: str, loop: _Loop) -> str:
+    """Numba's feature string with the loop's features appended (later entries win)."""
+    return ",".join(f for f in (base or "").split(",") + loop.features.split(",") if f)
+
+
+def _kernel_function(module: ir.Module, kind: str, bw: int, loop: _Loop, base_features: str = "") -> ir.Function:
+    """Define (once per module) the LLVM function of one kernel kind for one loop:
 
     - ``panel(w, x, nchunks, sumx, sx, scale, bias, out, nvalid, flags)``: 4 consecutive tiles
       (16 rows) × one vector, epilogue ``_panel_epilogue``.
@@ -269,41 +500,32 @@ def _kernel_function(module: ir.Module, kind: str, bw: int, vnni: bool) -> ir.Fu
       flags)``: one tile (4 rows) × 4 vectors ``x + v·x_stride`` (bytes), epilogue
       ``_batch_epilogue``; ``sumx``/``sx`` must hold 4 entries.
     """
-    name = f"g2quant_{kind}_u{bw}_{'vnni' if vnni else 'generic'}"
+    name = f"g2quant_{kind}_u{bw}_{loop.name.replace('-', '_')}"
     existing = module.globals.get(name)
     if existing is not None:
         return existing
     fn = ir.Function(module, ir.FunctionType(ir.VoidType(), [_LLVM_ARG[k] for k in _SPECS[kind]]), name)
     fn.linkage = "internal"
+    features = _target_features(base_features, loop) if loop.features else ""
+    fn.attributes = _KernelAttributes([f'"target-features"="{features}"'] if features else [])
     fn.attributes.add("noinline")           # one out-of-line copy per module keeps callers small
     b = ir.IRBuilder(fn.append_basic_block("entry"))
     if kind == "panel":
         w, x, nchunks, sumx, sx, scale, bias, out, nvalid, flags = fn.args
-        _panel_epilogue(b, _panel_sums(b, w, x, nchunks, bw, vnni), bw, sumx, sx, scale, bias, out, nvalid, flags)
+        _panel_epilogue(b, _panel_sums(b, w, x, nchunks, bw, loop), bw, loop, sumx, sx, scale, bias, out,
+                        nvalid, flags)
     else:
         w, x, x_stride, nchunks, sumx, sx, scale, bias, out, out_stride, nrows, nvec, flags = fn.args
-        sums = _emit_tile_loop(b, w, x, x_stride, nchunks, bw, vnni, nvec=BATCH_VECS)
-        result, _ = _reduce(b, [s for row in sums for s in row])
-        _batch_epilogue(b, result, bw, sumx, sx, scale, bias, out, out_stride, nrows, nvec, flags)
+        sums = _batch_sums(b, w, x, x_stride, nchunks, nvec, bw, loop)
+        _batch_epilogue(b, sums, bw, loop, sumx, sx, scale, bias, out, out_stride, nrows, nvec, flags)
     b.ret_void()
     return fn
 
 
-def _call_path(context, builder, kind, bw, flag, flag_ty, call_args):
-    """Call the VNNI or the generic variant of a kernel. A literal ``use_vnni`` (the callers pass
-    it through ``numba.literally``) compiles only the chosen variant; a run-time flag both."""
-    if not HOST_VNNI or (isinstance(flag_ty, types.Literal) and not flag_ty.literal_value):
-        builder.call(_kernel_function(builder.module, kind, bw, vnni=False), call_args)
-        return
-    if isinstance(flag_ty, types.Literal):
-        builder.call(_kernel_function(builder.module, kind, bw, vnni=True), call_args)
-        return
-    generic = _kernel_function(builder.module, kind, bw, vnni=False)
-    with builder.if_else(context.cast(builder, flag, flag_ty, types.boolean)) as (then, otherwise):
-        with then:
-            builder.call(_kernel_function(builder.module, kind, bw, vnni=True), call_args)
-        with otherwise:
-            builder.call(generic, call_args)
+def _literal_loop(loop_ty) -> _Loop:
+    """The ``_Loop`` named by the type of the last intrinsic argument (a literal loop id, or a
+    literal bool: True = avx512-vnni, False = portable)."""
+    return loop_impl(loop_ty.literal_value)
 
 
 def _ptr(context, builder, aryty, ary, idxty, idx):
@@ -313,10 +535,12 @@ def _ptr(context, builder, aryty, ary, idxty, idx):
     return builder.gep(data, [context.cast(builder, idx, idxty, types.int64)], source_etype=etype)
 
 
-def _codegen(kind: str, bw: int):
-    """Lower a call ``kernel(<args per _SPECS[kind]>, use_vnni)`` (each ``A`` given as an array and
-    an element offset) to a call of the VNNI or generic LLVM function."""
+def _codegen(kind: str, bw: int, loop: _Loop):
+    """Lower a call ``kernel(<args per _SPECS[kind]>, loop)`` (each ``A`` given as an array and
+    an element offset) to a call of the LLVM function of ``loop``."""
     def codegen(context, builder, signature, args):
+        if isinstance(loop, str):
+            raise errors.NumbaValueError(loop)
         ty, k, call_args = signature.args, 0, []
         for spec in _SPECS[kind]:
             if spec == "A":
@@ -325,36 +549,53 @@ def _codegen(kind: str, bw: int):
             else:
                 call_args.append(context.cast(builder, args[k], ty[k], types.float32 if spec == "f" else types.int64))
                 k += 1
-        _call_path(context, builder, kind, bw, args[k], ty[k], call_args)
+        base = getattr(context.codegen(), "_tm_features", "")
+        builder.call(_kernel_function(builder.module, kind, bw, loop, base), call_args)
         return context.get_dummy_value()
 
     return codegen
 
 
+def _check_loop(loop_ty, index: int):
+    """The ``_Loop`` of a literal loop argument, or the error message for a literal that names no
+    loop (raised at lowering: a typing error here would make Numba retry the non-literal type).
+    A non-literal loop asks Numba to make it literal (``ForceLiteralArg``), which works when it
+    is an argument of the calling function."""
+    if not isinstance(loop_ty, (types.IntegerLiteral, types.BooleanLiteral)):
+        raise errors.ForceLiteralArg({index}, fold_arguments=lambda args, kws: tuple(args))
+    try:
+        return _literal_loop(loop_ty)
+    except (ValueError, KeyError, TypeError) as exc:
+        return f"kernel loop: {exc}"
+
+
 def _make_panel_intrinsic(bw: int):
-    @intrinsic
+    @intrinsic(prefer_literal=True)
     def panel(typingctx, w, w_off, x, x_off, nchunks, sumx, sx, scale, scale_off, bias, bias_off,
-              out, out_off, nvalid, flags, use_vnni):
+              out, out_off, nvalid, flags, loop):
+        impl = _check_loop(loop, 15)
         return types.none(w, w_off, x, x_off, nchunks, sumx, sx, scale, scale_off, bias, bias_off,
-                          out, out_off, nvalid, flags, use_vnni), _codegen("panel", bw)
+                          out, out_off, nvalid, flags, loop), _codegen("panel", bw, impl)
 
     panel.__doc__ = (f"``panel(w, w_off, x, x_off, nchunks, sumx, sx, scale, scale_off, bias, bias_off, out, "
-                     f"out_off, nvalid, flags, use_vnni)``: 16 rows of {bw}-bit codes × one int8 vector, "
-                     f"scaled into ``out`` (``_panel_epilogue``).")
+                     f"out_off, nvalid, flags, loop)``: 16 rows of {bw}-bit codes × one int8 vector, "
+                     f"scaled into ``out`` (``_panel_epilogue``); ``loop`` a literal ``isa`` loop id.")
     return panel
 
 
 def _make_batch_intrinsic(bw: int):
-    @intrinsic
+    @intrinsic(prefer_literal=True)
     def batch(typingctx, w, w_off, x, x_off, x_stride, nchunks, sumx, sumx_off, sx, sx_off, scale, scale_off,
-              bias, bias_off, out, out_off, out_stride, nrows, nvec, flags, use_vnni):
+              bias, bias_off, out, out_off, out_stride, nrows, nvec, flags, loop):
+        impl = _check_loop(loop, 20)
         sig = types.none(w, w_off, x, x_off, x_stride, nchunks, sumx, sumx_off, sx, sx_off, scale, scale_off,
-                         bias, bias_off, out, out_off, out_stride, nrows, nvec, flags, use_vnni)
-        return sig, _codegen("batch", bw)
+                         bias, bias_off, out, out_off, out_stride, nrows, nvec, flags, loop)
+        return sig, _codegen("batch", bw, impl)
 
     batch.__doc__ = (f"``batch(w, w_off, x, x_off, x_stride, nchunks, sumx, sumx_off, sx, sx_off, scale, scale_off, "
-                     f"bias, bias_off, out, out_off, out_stride, nrows, nvec, flags, use_vnni)``: one tile of {bw}-bit "
-                     f"codes × 4 int8 vectors, scaled into ``out`` (``_batch_epilogue``).")
+                     f"bias, bias_off, out, out_off, out_stride, nrows, nvec, flags, loop)``: one tile of {bw}-bit "
+                     f"codes × 4 int8 vectors, scaled into ``out`` (``_batch_epilogue``); ``loop`` a literal "
+                     f"``isa`` loop id.")
     return batch
 
 
