@@ -19,6 +19,7 @@ _LAZY = {
     "quantize": "g2quant.api",
     "QuantConfig": "g2quant.api",
     "QuantizedModel": "g2quant.api",
+    "load": "g2quant.targets.base",
 }
 
 __all__ = ["__version__", *_LAZY]

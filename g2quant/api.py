@@ -1,20 +1,26 @@
 """``g2quant.quantize(model, bits=4, ...)``: float model in, ``QuantizedModel`` out.
 
-Accepts any ``torch.nn.Module`` containing ``nn.LSTM`` / ``G2LSTM`` / ``nn.Linear`` /
-``nn.Embedding`` (also models g2quant did not define); the caller's model is never modified.
+Accepts any ``torch.nn.Module`` containing layers with a quantize handler (``nn.LSTM`` /
+``G2LSTM`` / ``nn.Linear`` / ``nn.Embedding`` built in; also models g2quant did not define); the
+caller's model is never modified. Handlers are registered by module type
+(``@register_quantize_handler``, torchao's ``register_quantize_module_handler`` is the model); a
+layer with parameters but no handler stays float, with a warning naming it.
 """
 from __future__ import annotations
 
 import copy
+import fnmatch
 import math
-from dataclasses import asdict, dataclass, fields
-from typing import Iterable
+import warnings
+from dataclasses import asdict, dataclass, field, fields
+from typing import Callable, Iterable, Mapping
 
 from torch import nn
 
 from .nn.g2lstm import G2LSTM
 from .nn.qmodules import QuantEmbedding, QuantG2LSTM, QuantLinear
 from .nn.quant import IntWeightQuant, WeightQuantizer, make_weight_quantizer
+from .targets.ops import LSTM_GATES
 
 Bits = int | str | None
 _SCHEME_BITS = {"binary": 1, "ternary": 2}
@@ -42,11 +48,18 @@ def _check_bits(value, name: str) -> Bits:
 
 @dataclass(frozen=True)
 class QuantConfig:
-    """How to quantize a model. Bits: 2..8, "binary" (1), "ternary", or >= 16 (float)."""
+    """How to quantize a model. Bits: 2..8, "binary" (1), "ternary", or >= 16 (keep float).
 
-    bits: Bits = 4                       # LSTM weights (W_ih, W_hh)
+    Widths, most specific first: ``layer_bits`` (a map from parameter names such as
+    ``"rnn.weight_hh_l1"`` or module names such as ``"decoder"`` — exact names or globs like
+    ``"rnn.*_l1"`` — to widths; an exact name beats a glob, a parameter beats its module, among
+    globs the last match wins), then ``embedding_bits`` / ``linear_bits`` by layer kind, then
+    ``bits``. ``skip`` keeps whole modules float, activations included (a shorthand)."""
+
+    bits: Bits = 4                       # default width (LSTM weights W_ih, W_hh, and every other layer)
     embedding_bits: Bits = None          # None: same as ``bits``
     linear_bits: Bits = None             # nn.Linear layers (decoder); None: same as ``bits``
+    layer_bits: Mapping[str, Bits] = field(default_factory=dict)   # per module / parameter, names or globs
     per_channel: bool = True             # one scale per output row (else per tensor)
     weight_scaling: str = "mse"          # initial scales: "max" or "mse" (per-row clip search)
     act_bits: int | None = 8             # int8 inputs to every matrix product, or None (float)
@@ -57,11 +70,26 @@ class QuantConfig:
     method: str = "ptq"                  # "ptq" (frozen scales) or "qat" (learnable scales, train mode)
 
     def __post_init__(self):
-        object.__setattr__(self, "bits", _check_bits(self.bits, "bits"))
+        bits = self.bits
+        if isinstance(bits, Mapping):                       # quantize(model, bits={...}) shorthand
+            object.__setattr__(self, "layer_bits", {**dict(bits), **dict(self.layer_bits)})
+            bits = 4
+        object.__setattr__(self, "bits", _check_bits(bits, "bits"))
         if self.bits is None:
             raise ValueError("bits=None is invalid: give 1..8, 'binary', 'ternary' or >= 16")
         object.__setattr__(self, "embedding_bits", _check_bits(self.embedding_bits, "embedding_bits"))
         object.__setattr__(self, "linear_bits", _check_bits(self.linear_bits, "linear_bits"))
+        if not isinstance(self.layer_bits, Mapping):
+            raise ValueError(f"layer_bits must be a mapping of layer/parameter names to widths, got "
+                             f"{type(self.layer_bits).__name__}")
+        lb = {}
+        for k, v in self.layer_bits.items():
+            if not isinstance(k, str) or not k:
+                raise ValueError(f"layer_bits keys must be non-empty names or globs, got {k!r}")
+            lb[k] = _check_bits(v, f"layer_bits[{k!r}]")
+            if lb[k] is None:
+                raise ValueError(f"layer_bits[{k!r}]=None is invalid: give a width")
+        object.__setattr__(self, "layer_bits", lb)
         if self.weight_scaling not in ("max", "mse"):
             raise ValueError(f"weight_scaling must be 'max' or 'mse', got {self.weight_scaling!r}")
         if self.act_bits not in (None, 8):
@@ -71,10 +99,11 @@ class QuantConfig:
         from .calibration.observers import OBSERVERS
         if self.observer not in OBSERVERS:
             raise ValueError(f"observer must be one of {sorted(OBSERVERS)}, got {self.observer!r}")
-        hard = "".join(g for g in "ifo" if g in self.hard_gates)
-        if set(self.hard_gates) - set("ifo"):
-            raise ValueError(f"hard_gates may contain only the letters i, f, o; got {self.hard_gates!r}")
-        object.__setattr__(self, "hard_gates", hard)
+        letters = _gate_letters()
+        if not isinstance(self.hard_gates, str) or set(self.hard_gates) - set(letters):
+            raise ValueError(f"hard_gates may contain only the gate letters of the layer families "
+                             f"({', '.join(letters)}), got {self.hard_gates!r}")
+        object.__setattr__(self, "hard_gates", "".join(g for g in letters if g in self.hard_gates))
         if isinstance(self.skip, str):
             object.__setattr__(self, "skip", (self.skip,))
         object.__setattr__(self, "skip", tuple(self.skip))
@@ -82,8 +111,20 @@ class QuantConfig:
             raise ValueError(f"method must be 'ptq' or 'qat', got {self.method!r}")
 
     def bits_for(self, kind: str) -> Bits:
-        override = {"lstm": None, "embedding": self.embedding_bits, "linear": self.linear_bits}[kind]
+        """The width of a layer kind ("lstm", "embedding", "linear") without per-layer overrides."""
+        override = {"embedding": self.embedding_bits, "linear": self.linear_bits}.get(kind)
         return self.bits if override is None else override
+
+    def bits_for_param(self, module: str, param: str, kind: str) -> Bits:
+        """The width of parameter ``param`` (full name, e.g. ``"rnn.weight_hh_l1"``) of ``module``."""
+        lb = self.layer_bits
+        for name in (param, module):
+            if name in lb:
+                return lb[name]
+            hits = [k for k in lb if _is_glob(k) and fnmatch.fnmatchcase(name, k)]
+            if hits:
+                return lb[hits[-1]]
+        return self.bits_for(kind)
 
     def act(self) -> dict | None:
         return None if self.act_bits is None else {"mode": self.act_mode, "observer": self.observer}
@@ -91,6 +132,7 @@ class QuantConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["skip"] = list(self.skip)
+        d["layer_bits"] = dict(self.layer_bits)
         return d
 
     @classmethod
@@ -101,8 +143,81 @@ class QuantConfig:
         return cls(**{**d, "skip": tuple(d.get("skip", ()))})
 
 
+def _gate_letters() -> str:
+    """Every gate letter some layer family can evaluate hard, in family order ("ifo" for the LSTM)."""
+    from .targets import ops  # noqa: F401  (registers the built-in ops)
+    from .targets.graph import OPS
+    out = ""
+    for spec in OPS.values():
+        out += "".join(g for g in spec.gates if g not in out)
+    return out
+
+
+def _is_glob(name: str) -> bool:
+    return any(ch in name for ch in "*?[")
+
+
+# ----------------------------------------------------------------------------- handler registry
+
+@dataclass
+class QuantizeContext:
+    """What a quantize handler gets: the config, the module's name, and ``wquant(param_name,
+    param, kind)`` which returns the (shared, for tied weights) quantizer of a weight or None."""
+
+    config: QuantConfig
+    name: str
+    wquant: Callable
+
+
+HANDLERS: dict[type, Callable] = {}
+
+
+def register_quantize_handler(*module_types: type):
+    """``@register_quantize_handler(nn.Foo, G2Foo)`` on ``fn(module, ctx: QuantizeContext) -> nn.Module``
+    (the quantized replacement). The most specific registered class of a module wins."""
+    def deco(fn):
+        for t in module_types:
+            HANDLERS[t] = fn
+        return fn
+    return deco
+
+
+def handler_for(m: nn.Module) -> Callable | None:
+    for cls in type(m).__mro__:
+        if cls in HANDLERS:
+            return HANDLERS[cls]
+    return None
+
+
+@register_quantize_handler(nn.LSTM, G2LSTM)
+def _quantize_lstm(m, ctx: QuantizeContext) -> nn.Module:
+    new = QuantG2LSTM.convert(m, lambda: None, ctx.config.act())
+    for names in new._flat_names:
+        for n in names[:2]:
+            q = ctx.wquant(n, getattr(new, n), "lstm")
+            if q is not None:
+                new.wq[n] = q
+    gates = set(ctx.config.hard_gates)
+    if gates - set(LSTM_GATES):
+        raise ValueError(f"hard_gates={ctx.config.hard_gates!r}: an LSTM's gates are {', '.join(LSTM_GATES)} "
+                         f"(layer {ctx.name or type(m).__name__!r})")
+    if gates:
+        new.hard_gates = frozenset(gates) | new.hard_gates
+    return new
+
+
+@register_quantize_handler(nn.Linear)
+def _quantize_linear(m, ctx: QuantizeContext) -> nn.Module:
+    return QuantLinear(m, ctx.wquant("weight", m.weight, "linear"), ctx.config.act())
+
+
+@register_quantize_handler(nn.Embedding)
+def _quantize_embedding(m, ctx: QuantizeContext) -> nn.Module:
+    return QuantEmbedding(m, ctx.wquant("weight", m.weight, "embedding"))
+
+
 def _quantizable(m: nn.Module) -> bool:
-    return isinstance(m, (nn.LSTM, G2LSTM, nn.Linear, nn.Embedding))
+    return handler_for(m) is not None
 
 
 class QuantizedModel(nn.Module):
@@ -134,29 +249,27 @@ class QuantizedModel(nn.Module):
                     out.append((full, p, q))
         return out
 
-    def size_bytes(self, *, dense: bool = False) -> int:
-        """Deployable size in bytes: packed integers + float32 per-row scales + every other
-        parameter kept in float32 (biases, unquantized layers). Packed as the CPU artifact
-        stores them (1/2/4/8-bit rows padded to whole bytes), or at exactly the declared bits
-        per weight with ``dense=True``."""
-        from .targets.pack import packed_shape
-        from .targets.qweights import storage_width
+    def size_bytes(self, *, target: str = "cpu", dense: bool = False) -> int:
+        """Deployable size in bytes, as ``target`` stores the lowered parameters (its own size rule:
+        for ``cpu``, 1/2/4/8-bit rows padded to whole bytes + float32 row scales, float32 biases —
+        an LSTM layer's two bias vectors are stored summed), plus 4 bytes per value of any
+        parameter no layer lowers. ``dense=True``: exactly the declared bits per weight instead."""
+        from .lower import lower_params
+        from .targets.base import get_target
+        from .targets.qweights import QMatrix
 
-        total, counted = 0, set()
-        for _, p, q in self.weight_quantizers():
-            counted.add(id(p))
-            if q is None:
-                total += 4 * p.numel()
-                continue
-            rows, cols = p.shape[0], p[0].numel()
-            if dense:
-                total += math.ceil(rows * cols * q.bits / 8)
-            else:
-                r, w = packed_shape((rows, cols), storage_width(q.bits, q.scheme))
-                total += r * w
-            total += 4 * rows     # one float32 scale per row (per-tensor scales are stored per row too)
+        params, covered = lower_params(self.model)
+        if dense:
+            total = 0
+            for p in params.values():
+                if isinstance(p, QMatrix) and p.scheme != "float":
+                    total += math.ceil(p.q.size * p.bits / 8) + 4 * p.shape[0]
+                else:
+                    total += 4 * int(p.q.size if isinstance(p, QMatrix) else p.size)
+        else:
+            total = get_target(target).size_bytes(params)
         for p in self._model_parameters():
-            if id(p) not in counted:
+            if id(p) not in covered:
                 total += 4 * p.numel()
         return total
 
@@ -184,19 +297,24 @@ class QuantizedModel(nn.Module):
         return lm_perplexity(self, data, batch_size=batch_size, bptt=bptt, progress=progress)
 
     def export(self, path, target: str = "cpu", *, vocab: Iterable[str] | None = None,
-               validation: dict | None = None, check: bool = True):
-        """Write a deployable artifact directory (``NAME.g2q``). See ``g2quant.export``."""
+               validation: dict | None = None, check: bool = True, example_input=None):
+        """Write a deployable artifact directory (``NAME.g2q``) for ``target``; see ``g2quant.export``.
+        ``example_input``: an input of ``forward`` used to capture the wiring (default: guessed)."""
         from .export import export_model
-        return export_model(self, path, target=target, vocab=vocab, validation=validation, check=check)
+        return export_model(self, path, target=target, vocab=vocab, validation=validation, check=check,
+                            example_input=example_input)
 
 
-def quantize(model: nn.Module, bits: Bits = 4, *, calib=None, method: str = "ptq",
+def quantize(model: nn.Module, bits: Bits | Mapping = 4, *, calib=None, method: str = "ptq",
              config: QuantConfig | None = None, progress: bool = False, **options) -> QuantizedModel:
     """Quantize a float model; the caller's model is left untouched.
 
     Args:
-        model: any ``nn.Module`` containing ``nn.LSTM`` / ``G2LSTM`` / ``nn.Linear`` / ``nn.Embedding``.
-        bits: LSTM weight bits (2..8, "binary", "ternary"); other options (``embedding_bits``,
+        model: any ``nn.Module`` containing layers with a quantize handler (``nn.LSTM`` /
+            ``G2LSTM`` / ``nn.Linear`` / ``nn.Embedding``).
+        bits: the default width (2..8, "binary", "ternary", >= 16 = float), or a per-layer map
+            ``{"rnn": 4, "decoder": 8, "rnn.weight_hh_l1": 2}`` (names or globs; see
+            :class:`QuantConfig`); other options (``layer_bits``, ``embedding_bits``,
             ``linear_bits``, ``per_channel``, ``act_bits``, ``act_mode``, ``observer``,
             ``hard_gates``, ``skip``, ``weight_scaling``) as in :class:`QuantConfig`.
         calib: iterable of input batches (tensors or tuples of forward arguments). PTQ =
@@ -218,44 +336,55 @@ def quantize(model: nn.Module, bits: Bits = 4, *, calib=None, method: str = "ptq
     def skipped(name: str) -> bool:
         return any(name == s or name.startswith(s + ".") for s in config.skip)
 
-    targets = [n for n, m in named.items() if _quantizable(m) and not skipped(n)
-               and not any(n.startswith(p + ".") for p, pm in named.items() if p and _quantizable(pm))]
+    def inside_handled(n: str) -> bool:
+        return any(n.startswith(p + ".") for p, pm in named.items() if p and _quantizable(pm)) or \
+            (n != "" and _quantizable(model))
+
+    targets = [n for n, m in named.items() if _quantizable(m) and not skipped(n) and not inside_handled(n)]
+    for n, m in named.items():
+        own = list(m.parameters(recurse=False))
+        if own and not _quantizable(m) and not inside_handled(n) and not skipped(n):
+            warnings.warn(f"quantize(): layer {n or '<model>'!r} ({type(m).__name__}) has no quantize handler and "
+                          f"stays float; handled layer types: {sorted(t.__name__ for t in HANDLERS)}", stacklevel=2)
     if not targets:
-        raise ValueError("model has nothing to quantize: it contains no nn.LSTM, G2LSTM, nn.Linear or "
-                         "nn.Embedding" + (f" outside skip={list(config.skip)}" if config.skip else ""))
+        raise ValueError("model has nothing to quantize: it contains no " +
+                         ", ".join(sorted(t.__name__ for t in HANDLERS)) +
+                         (f" outside skip={list(config.skip)}" if config.skip else ""))
     if config.act_mode == "static" and config.act_bits and calib is None and config.method == "ptq":
         raise ValueError("act_mode='static' needs calibration data: pass calib=<iterable of batches>")
+    names = set(targets) | {f"{t}.{pn}" if t else pn for t in targets for pn, _ in named[t].named_parameters()}
+    for key in config.layer_bits:
+        if not (key in names or (_is_glob(key) and any(fnmatch.fnmatchcase(n, key) for n in names))):
+            raise ValueError(f"layer_bits names {key!r}, which matches no quantized layer or parameter; "
+                             f"layers: {sorted(targets)}")
+    for t in targets:
+        for pn, p in named[t].named_parameters():
+            if not p.detach().isfinite().all():
+                raise ValueError(f"parameter {(t + '.' if t else '') + pn!r} contains NaN or infinite values; "
+                                 "a model with non-finite weights cannot be quantized")
 
     inner = copy.deepcopy(model)
     qat = config.method == "qat"
     shared: dict[int, WeightQuantizer | None] = {}   # tied parameters share one quantizer
 
-    def wquant(param: nn.Parameter, kind: str):
-        if id(param) in shared:
-            return shared[id(param)]
-        q = make_weight_quantizer(config.bits_for(kind), per_channel=config.per_channel, learn_scale=qat)
-        if isinstance(q, IntWeightQuant):
-            q.init_scale(param, config.weight_scaling)
-        shared[id(param)] = q
-        return q
+    def make_wquant(module_name: str):
+        def wquant(param_name: str, param: nn.Parameter, kind: str):
+            if id(param) in shared:
+                return shared[id(param)]
+            full = f"{module_name}.{param_name}" if module_name else param_name
+            q = make_weight_quantizer(config.bits_for_param(module_name, full, kind), per_channel=config.per_channel,
+                                      learn_scale=qat)
+            if isinstance(q, IntWeightQuant):
+                q.init_scale(param, config.weight_scaling)
+            shared[id(param)] = q
+            return q
+        return wquant
 
     inner_named = dict(inner.named_modules())
     for name in targets:
         m = inner_named[name]
-        if isinstance(m, (nn.LSTM, G2LSTM)):
-            new = QuantG2LSTM.convert(m, lambda: None, config.act())
-            for names in new._flat_names:
-                for n in names[:2]:
-                    q = wquant(getattr(new, n), "lstm")
-                    if q is not None:
-                        new.wq[n] = q
-            if config.hard_gates:
-                new.hard_gates = frozenset(config.hard_gates) | new.hard_gates
-        elif isinstance(m, nn.Linear):
-            new = QuantLinear(m, wquant(m.weight, "linear"), config.act())
-        else:
-            new = QuantEmbedding(m, wquant(m.weight, "embedding"))
-        if name == "":          # the model itself is an LSTM / Linear / Embedding
+        new = handler_for(m)(m, QuantizeContext(config, name, make_wquant(name)))
+        if name == "":          # the model itself is a single handled layer
             inner = new
             continue
         parent_name, _, attr = name.rpartition(".")
@@ -271,4 +400,3 @@ def quantize(model: nn.Module, bits: Bits = 4, *, calib=None, method: str = "ptq
         calibrate(qmodel, calib, progress=progress)
         qmodel.train(qat)
     return qmodel
-

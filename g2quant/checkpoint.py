@@ -62,29 +62,65 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict, dict]:
         raise CheckpointError(f"checkpoint {path} is unreadable (truncated or not safetensors): {exc}") from exc
     if META_KEY not in meta:
         raise CheckpointError(f"{path} is a safetensors file but not a g2quant checkpoint (no {META_KEY} metadata)")
-    record = json.loads(meta[META_KEY])
-    if record.get("format_version", 0) > FORMAT_VERSION:
+    try:
+        record = json.loads(meta[META_KEY])
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise CheckpointError(f"{path}: the checkpoint record is damaged ({exc})") from None
+    if not isinstance(record, dict):
+        raise CheckpointError(f"{path}: the checkpoint record is not an object")
+    fv = record.get("format_version", 0)
+    if not isinstance(fv, int):
+        raise CheckpointError(f"{path}: invalid checkpoint format_version {fv!r}")
+    if fv > FORMAT_VERSION:
         raise CheckpointError(f"{path} has checkpoint format {record['format_version']}, newer than this "
                               f"g2quant supports ({FORMAT_VERSION}); upgrade g2quant")
-    for alias, target in record.get("aliases", {}).items():
+    aliases = record.get("aliases", {})
+    if not isinstance(aliases, dict) or any(t not in state for t in aliases.values()):
+        raise CheckpointError(f"{path}: the checkpoint's tied-weight table is damaged")
+    for alias, target in aliases.items():
         state[alias] = state[target]
     return state, record
 
 
+# model kinds stored in checkpoints: kind -> builder(config dict) -> nn.Module; the built-in
+# kinds are registered by their model modules, imported on first use
+MODELS: dict = {}
+BUILTIN_MODELS = {"word_lm": "g2quant.models.lm"}
+QUANTIZED_PREFIX = "quantized_"
+
+
+def register_model(kind: str, build) -> None:
+    """Make checkpoints of ``kind`` loadable: ``build(record["config"]) -> nn.Module``."""
+    MODELS[kind] = build
+
+
+def _builder(kind: str, path):
+    if kind not in MODELS and kind in BUILTIN_MODELS:
+        import importlib
+        importlib.import_module(BUILTIN_MODELS[kind])
+    if kind not in MODELS:
+        raise CheckpointError(f"{path}: unknown model kind {kind!r}; known: {sorted(set(MODELS) | set(BUILTIN_MODELS))}")
+    return MODELS[kind]
+
+
 def load_model(path: str | os.PathLike):
-    """Rebuild the model stored in a checkpoint (currently: ``word_lm``); returns ``(model, record)``."""
+    """Rebuild the model stored in a checkpoint (float, or ``quantized_<kind>`` after QAT);
+    returns ``(model, record)``."""
     state, record = load_checkpoint(path)
     kind = record.get("kind")
-    if kind == "word_lm":
-        from .models.lm import LMConfig, WordLM
-        model = WordLM(LMConfig.from_dict(record["config"]))
-    elif kind == "quantized_word_lm":
-        from .api import QuantConfig, quantize
-        from .models.lm import LMConfig, WordLM
-        model = quantize(WordLM(LMConfig.from_dict(record["config"])),
-                         config=QuantConfig.from_dict(record["quant_config"]))
-    else:
-        raise CheckpointError(f"{path}: unknown model kind {kind!r}")
-    model.load_state_dict(state)
+    if not isinstance(kind, str):
+        raise CheckpointError(f"{path}: the checkpoint record has no model kind")
+    try:
+        if kind.startswith(QUANTIZED_PREFIX):
+            from .api import QuantConfig, quantize
+            model = quantize(_builder(kind[len(QUANTIZED_PREFIX):], path)(record["config"]),
+                             config=QuantConfig.from_dict(record["quant_config"]))
+        else:
+            model = _builder(kind, path)(record["config"])
+        model.load_state_dict(state)
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        if isinstance(exc, CheckpointError):
+            raise
+        raise CheckpointError(f"{path}: the checkpoint does not describe a loadable {kind!r} model ({exc})") from exc
     model.eval()
     return model, record

@@ -27,12 +27,18 @@ from pathlib import Path
 import numpy as np
 
 FORMAT = "g2quant-artifact"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2          # 2: model-agnostic lowered graph; 1: word-LM only (still read)
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
 _RESERVED = (MANIFEST, WEIGHTS)
+MAX_MANIFEST_BYTES = 16 << 20       # a manifest holds the graph and metadata, never weights
+MAX_FILE_BYTES = 256 << 20          # extra files (vocabularies)
+MAX_HEADER_BYTES = 16 << 20         # safetensors JSON header
+_ST_DTYPES = {"U8": "uint8", "I8": "int8", "I16": "int16", "U16": "uint16", "I32": "int32", "U32": "uint32",
+              "I64": "int64", "U64": "uint64", "F16": "float16", "F32": "float32", "F64": "float64",
+              "BOOL": "bool"}
 
-__all__ = ["ArtifactError", "write_artifact", "load_artifact", "FORMAT", "FORMAT_VERSION",
+__all__ = ["ArtifactError", "write_artifact", "load_artifact", "read_manifest", "FORMAT", "FORMAT_VERSION",
            "MANIFEST", "WEIGHTS", "artifact_size"]
 
 
@@ -108,7 +114,7 @@ def _serialize_tensors(tensors: dict[str, np.ndarray]) -> tuple[bytes, dict]:
 
 
 def write_artifact(path, manifest: dict, tensors: dict[str, np.ndarray],
-                   files: dict[str, bytes] | None = None) -> Path:
+                   files: dict[str, bytes] | None = None, *, format_version: int = FORMAT_VERSION) -> Path:
     """Write ``path`` (a directory, conventionally ``NAME.g2q``) atomically; return its Path.
 
     ``manifest`` is copied and completed with ``format``, ``format_version``,
@@ -149,7 +155,7 @@ def write_artifact(path, manifest: dict, tensors: dict[str, np.ndarray],
     payload = {WEIGHTS: bytes(blob), **{k: bytes(v) for k, v in files.items()}}
     man.update({
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": format_version,
         "g2quant_version": _g2quant_version(),
         "tensors": entries,
         "files": {name: _sha256(data) for name, data in sorted(payload.items())},
@@ -188,18 +194,38 @@ def _fail(msg: str):
     raise ArtifactError(msg)
 
 
+def _regular_file(path: Path, name: str, limit: int) -> int:
+    """Size of ``path``, refusing links, non-files and files over ``limit`` bytes."""
+    if path.is_symlink():
+        _fail(f"{name}: is a symbolic link; artifacts hold only regular files")
+    if not path.is_file():
+        _fail(f"{name}: missing from {path.parent}")
+    size = path.stat().st_size
+    if size > limit:
+        _fail(f"{name}: {size} bytes is larger than the {limit}-byte limit for this file")
+    return size
+
+
+def read_manifest(path) -> dict:
+    """The verified top level of ``path/manifest.json`` (format, version, file table)."""
+    return _read_manifest(Path(path))
+
+
 def _read_manifest(path: Path) -> dict:
     if not path.exists():
         _fail(f"{path}: artifact not found")
     if not path.is_dir():
         _fail(f"{path}: not an artifact directory (expected NAME.g2q/ with {MANIFEST})")
     mpath = path / MANIFEST
-    if not mpath.is_file():
+    if not mpath.exists() and not mpath.is_symlink():
         _fail(f"{MANIFEST}: missing in {path} (not a g2quant artifact, or the write did not finish)")
+    _regular_file(mpath, MANIFEST, MAX_MANIFEST_BYTES)
     try:
         man = json.loads(mpath.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         _fail(f"{MANIFEST}: does not parse as JSON ({exc})")
+    except RecursionError:
+        _fail(f"{MANIFEST}: nested too deeply")
     if not isinstance(man, dict):
         _fail(f"{MANIFEST}: expected a JSON object, got {type(man).__name__}")
     if man.get("format") != FORMAT:
@@ -238,8 +264,10 @@ def load_artifact(path) -> tuple[dict, dict[str, np.ndarray], dict[str, bytes]]:
         if not isinstance(digest, str):
             _fail(f"{MANIFEST}: file entry {name!r} has no sha256 string")
         fpath = path / name
-        if not fpath.is_file():
-            _fail(f"{name}: missing from {path}")
+        if name == WEIGHTS:
+            _check_safetensors_header(fpath, man["tensors"])
+        else:
+            _regular_file(fpath, name, MAX_FILE_BYTES)
         data = fpath.read_bytes()
         if _sha256(data) != digest:
             _fail(f"{name}: sha256 mismatch (file truncated or modified)")
@@ -266,6 +294,48 @@ def load_artifact(path) -> tuple[dict, dict[str, np.ndarray], dict[str, bytes]]:
         if list(entry.get("shape", [])) != list(arr.shape):
             _fail(f"{WEIGHTS}: tensor {name!r} has shape {list(arr.shape)}, manifest says {entry.get('shape')}")
     return man, tensors, contents
+
+
+def _check_safetensors_header(fpath: Path, listed: dict) -> None:
+    """Before reading the weights: the header must list exactly the manifest's tensors with their
+    dtypes and shapes, and the file must be exactly as long as the header says."""
+    size = _regular_file(fpath, WEIGHTS, 1 << 62)
+    with open(fpath, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            _fail(f"{WEIGHTS}: truncated (no header)")
+        hlen = int.from_bytes(head, "little")
+        if hlen > MAX_HEADER_BYTES or 8 + hlen > size:
+            _fail(f"{WEIGHTS}: header length {hlen} is invalid for a {size}-byte file")
+        try:
+            header = json.loads(f.read(hlen).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            _fail(f"{WEIGHTS}: header does not parse ({exc})")
+    if not isinstance(header, dict):
+        _fail(f"{WEIGHTS}: header is not an object")
+    header.pop("__metadata__", None)
+    missing, extra = sorted(set(listed) - set(header)), sorted(set(header) - set(listed))
+    if missing:
+        _fail(f"{WEIGHTS}: tensors listed in the manifest are missing: {missing[:8]}")
+    if extra:
+        _fail(f"{WEIGHTS}: tensors not listed in the manifest: {extra[:8]}")
+    end = 0
+    for name, info in header.items():
+        entry = listed[name]
+        try:
+            dtype, shape, (lo, hi) = _ST_DTYPES.get(info["dtype"], info["dtype"]), list(info["shape"]), info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            _fail(f"{WEIGHTS}: header entry {name!r} is malformed")
+        if not isinstance(entry, dict) or entry.get("dtype") != dtype or list(entry.get("shape", [])) != shape:
+            _fail(f"{WEIGHTS}: tensor {name!r} is {dtype} {shape}, the manifest says "
+                  f"{entry.get('dtype') if isinstance(entry, dict) else entry} "
+                  f"{entry.get('shape') if isinstance(entry, dict) else ''}")
+        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        if not (isinstance(lo, int) and isinstance(hi, int) and 0 <= lo <= hi and hi - lo == nbytes):
+            _fail(f"{WEIGHTS}: tensor {name!r} has data offsets {[lo, hi]} for {nbytes} bytes")
+        end = max(end, hi)
+    if size != 8 + hlen + end:
+        _fail(f"{WEIGHTS}: {size} bytes on disk, the header describes {8 + hlen + end}")
 
 
 def artifact_size(path) -> int:

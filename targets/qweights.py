@@ -13,16 +13,6 @@ GATE_NAMES = ("i", "f", "o")
 SCHEMES = ("int", "binary", "ternary", "float")
 
 
-def storage_width(bits: int, scheme: str = "int") -> int:
-    """Bits per weight as artifacts store them: 1, 2, 4, 8 (packed) or 32 (float).
-    3-bit weights are stored in 4-bit nibbles, 5–7-bit weights in bytes."""
-    if scheme == "float":
-        return 32
-    if scheme in ("binary", "ternary") or bits <= 2:
-        return bits
-    return 4 if bits <= 4 else 8
-
-
 @dataclass
 class QMatrix:
     """One weight matrix ``[R, K]`` with a per-row scale.
@@ -112,3 +102,30 @@ class QuantLMWeights:
     @property
     def tied(self) -> bool:
         return self.decoder is None
+
+    def to_graph(self):
+        """The lowered graph of this LM: embedding -> lstm -> linear (time-major, per-step logits)."""
+        from .graph import Graph, Node
+
+        params = {"embedding.weight": self.embedding, "decoder.bias": np.asarray(self.decoder_bias, np.float32)}
+        params["decoder.weight"] = self.embedding if self.tied else self.decoder
+        lstm_params = {}
+        for k, layer in enumerate(self.layers):
+            for role, value in ((f"l{k}.w_ih", layer.w_ih), (f"l{k}.w_hh", layer.w_hh),
+                                (f"l{k}.bias", np.asarray(layer.bias, np.float32))):
+                params[f"rnn.{role}"] = value
+                lstm_params[role] = f"rnn.{role}"
+        if self.tied:
+            del params["decoder.weight"]
+        act = self.act_bits
+        nodes = [
+            Node("embedding", "embedding", ["input"], {}, {"weight": "embedding.weight"}),
+            Node("lstm", "rnn", ["embedding"], {"hidden_size": self.hidden_size, "num_layers": self.num_layers,
+                                                "bidirectional": False, "act_bits": act,
+                                                "hard_gates": "".join(g for g in "ifo" if g in self.hard_gates)},
+                 lstm_params),
+            Node("linear", "decoder", ["rnn"], {"act_bits": act},
+                 {"weight": "embedding.weight" if self.tied else "decoder.weight", "bias": "decoder.bias"}),
+        ]
+        return Graph(input={"kind": "tokens", "size": self.vocab_size, "layout": "tb"}, nodes=nodes,
+                     output={"value": "decoder", "layout": "tb"}, params=params, meta={"extra": dict(self.extra)})

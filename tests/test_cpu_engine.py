@@ -1,5 +1,5 @@
-"""CPU engine, LM artifact export and CLI commands, against the NumPy reference."""
-import argparse
+"""CPU engine on word-LM artifacts and the artifact CLI commands, against the NumPy reference
+(the LM-specific ``targets/cpu/reference.lm_step_ref`` and the graph reference runtime)."""
 import json
 import subprocess
 import sys
@@ -7,12 +7,14 @@ import sys
 import numpy as np
 import pytest
 
+from g2quant.cli import main
 from g2quant.targets.artifact import ArtifactError
 from g2quant.targets.cpu import reference
-from g2quant.targets.cpu.commands import add_subcommands
-from g2quant.targets.cpu.engine import Engine, LMState
-from g2quant.targets.cpu.export import read_lm_artifact, write_lm_artifact
+from g2quant.targets.cpu.engine import Engine
+from g2quant.targets.cpu.legacy_v1 import write_v1_lm_artifact
+from g2quant.targets.cpu.target import read, write_lm_artifact
 from g2quant.targets.cpu.testing import random_lm_weights
+from g2quant.targets.runtime import State
 
 V, H, E = 97, 24, 20
 VOCAB = ["<unk>", "<eos>"] + [f"w{i}" for i in range(V - 2)]
@@ -47,14 +49,37 @@ CASES = [dict(bits=b) for b in (1, 2, 3, 4, 8, 32)] + [
 def test_export_round_trip_exact(tmp_path, kw):
     w = random_lm_weights(V, H, 2, emb=None if kw.get("tied") else E, hard_gates=("i", "o"), seed=3, **kw)
     p = write_lm_artifact(tmp_path / "m.g2q", w, VOCAB, validation={"ppl": 123.4}, meta={"name": "t"})
-    w2, vocab, man = read_lm_artifact(p)
-    _assert_same_weights(w, w2)
+    g, vocab, man = read(p)
+    want = w.to_graph()
+    assert sorted(g.params) == sorted(want.params)
+    for name, a in want.params.items():
+        b = g.params[name]
+        if hasattr(a, "q"):
+            assert (a.bits, a.scheme) == (b.bits, b.scheme) and a.q.dtype == b.q.dtype
+            np.testing.assert_array_equal(a.q, b.q)
+            np.testing.assert_array_equal(a.scale, b.scale)
+        else:
+            np.testing.assert_array_equal(a, b)
+    assert [n.to_json() for n in g.nodes] == [n.to_json() for n in want.nodes]
     assert vocab == VOCAB
-    assert man["target"] == "cpu" and man["model"]["kind"] == "word_lm"
-    assert man["model"]["tied"] == bool(kw.get("tied")) and man["gates"]["hard"] == ["i", "o"]
-    assert man["validation"] == {"ppl": 123.4} and man["meta"] == {"name": "t"}
-    entry = man["tensors"]["layers.0.w_hh.q"]
-    assert entry["bits"] == w.layers[0].w_hh.bits and entry["scale"] == "layers.0.w_hh.scale"
+    assert man["target"] == "cpu" and man["format_version"] == 2
+    assert g.node("rnn").attrs["hard_gates"] == "io"
+    assert ("decoder.weight" in g.params) == (not kw.get("tied"))
+    assert man["validation"] == {"ppl": 123.4} and man["meta"]["name"] == "t"
+    entry = man["params"]["rnn.l0.w_hh"]
+    assert entry["bits"] == w.layers[0].w_hh.bits and entry["scale"] == "rnn.l0.w_hh.scale"
+
+
+def test_v1_artifacts_still_load_and_run(tmp_path):
+    w = random_lm_weights(V, H, 2, 4, emb=E, hard_gates=("f",), seed=8)
+    p = write_v1_lm_artifact(tmp_path / "old.g2q", w, VOCAB)
+    assert json.loads((p / "manifest.json").read_text())["format_version"] == 1
+    eng = Engine.load(p)
+    toks = np.array([[1, 2], [3, 4], [5, 6]])
+    want, _ = Engine(w.to_graph(), backend="reference").run(toks)
+    got, _ = eng.run(toks)
+    _close(got, want)
+    assert eng.vocab == VOCAB and eng.is_lm
 
 
 def test_packed_size_is_small(tmp_path):
@@ -68,12 +93,12 @@ def test_packed_size_is_small(tmp_path):
 
 def test_export_validation_errors(tmp_path):
     w = random_lm_weights(V, H, 1, 4, emb=E)
-    with pytest.raises(ValueError, match="vocabulary has 3 words"):
+    with pytest.raises(ValueError, match="a vocabulary of 3 words does not fit"):
         write_lm_artifact(tmp_path / "m.g2q", w, ["a", "b", "c"])
     with pytest.raises(ValueError, match="duplicate"):
         write_lm_artifact(tmp_path / "m.g2q", w, ["a"] * V)
     w.layers[0].bias = np.zeros(5, np.float32)
-    with pytest.raises(ValueError, match=r"layers.0.bias has shape \(5,\)"):
+    with pytest.raises(ValueError, match=r"l0.bias must have shape \[96\]"):
         write_lm_artifact(tmp_path / "m.g2q", w, VOCAB)
     assert not (tmp_path / "m.g2q").exists()
 
@@ -81,14 +106,13 @@ def test_export_validation_errors(tmp_path):
 def test_read_detects_inconsistent_manifest(tmp_path):
     p = write_lm_artifact(tmp_path / "m.g2q", random_lm_weights(V, H, 1, 4, emb=E), VOCAB)
     man = json.loads((p / "manifest.json").read_text())
-    man["model"]["hidden_size"] = 99
+    man["graph"]["nodes"][1]["attrs"]["hidden_size"] = 99
     (p / "manifest.json").write_text(json.dumps(man))
-    with pytest.raises(ArtifactError, match="hidden_size is 99"):
-        read_lm_artifact(p)
-    man["model"]["hidden_size"] = H
+    with pytest.raises(ArtifactError, match=r"l0.w_ih must have shape \[396, 20\]"):
+        read(p)
+    man["graph"]["nodes"][1]["attrs"]["hidden_size"] = H
     man["target"] = "gpu-fp16"
     (p / "manifest.json").write_text(json.dumps(man))
-    read_lm_artifact(p)
     with pytest.raises(ArtifactError, match="target is 'gpu-fp16'"):
         Engine.load(p)
 
@@ -104,12 +128,12 @@ def test_engine_matches_reference(tmp_path, bits, hard):
     rng = np.random.default_rng(1)
     B = 3
     h, c = reference.initial_state(w, B)
-    state = LMState(h.copy(), c.copy())
+    state = State([(h.copy(), c.copy())])
     for _ in range(6):
         toks = rng.integers(0, V, B)
         want, h_ref, c_ref = reference.lm_step_ref(w, toks, h, c)
         # one step from the reference's state: independent of drift in earlier steps
-        got, new = eng.step(toks, LMState(h.copy(), c.copy()))
+        got, new = eng.step(toks, (h.copy(), c.copy()))
         _close(got, want)
         _close(new.h, h_ref)
         _close(new.c, c_ref)
@@ -127,7 +151,7 @@ def test_engine_matches_reference_variants(tmp_path, kw):
     h, c = reference.initial_state(w, 2)
     for toks in ([1, 2], [3, 96], [50, 0]):
         want, h_ref, c_ref = reference.lm_step_ref(w, np.array(toks), h, c)
-        got, new = eng.step(toks, LMState(h.copy(), c.copy()))
+        got, new = eng.step(toks, (h.copy(), c.copy()))
         _close(got, want)
         _close(new.h, h_ref)
         h, c = h_ref, c_ref
@@ -148,8 +172,12 @@ def test_step_does_not_alias_state(tmp_path):
     np.testing.assert_allclose(logits, l1)
     with pytest.raises(ValueError, match="out of range"):
         eng.step([V], eng.initial_state(1))
-    with pytest.raises(ValueError, match="state.h must be float32"):
+    with pytest.raises(ValueError, match=r"state of 'rnn' must be float32 arrays of shape \(2, 2, 24\)"):
         eng.step([1, 2], eng.initial_state(1))
+    with pytest.raises(ValueError, match="token ids must be integers"):
+        eng.step([1.9])
+    with pytest.raises(ValueError, match=r"step\(\) expects token ids of shape \[B\]"):
+        eng.step([])
 
 
 def _ref_logprobs(w, seq):
@@ -224,15 +252,8 @@ def test_engine_does_not_import_torch(tmp_path):
 
 
 # ---- CLI ---------------------------------------------------------------------------------------
-def _parser():
-    parser = argparse.ArgumentParser(prog="g2quant")
-    add_subcommands(parser.add_subparsers(dest="command", required=True))
-    return parser
-
-
 def _cli(argv):
-    args = _parser().parse_args(argv)
-    return args.func(args)
+    return main(argv)
 
 
 @pytest.fixture(scope="module")
@@ -247,19 +268,25 @@ def test_cli_run(tiny_artifact, capsys):
     assert out.out.split()[:3] == ["w1", "w2", "<unk>"] and len(out.out.split()) == 8
     assert "mapped to <unk>: zzz" in out.err
     assert _cli(["run", str(tiny_artifact), "--prompt", "w1", "--temperature", "0.7", "--seed", "1"]) == 0
+    capsys.readouterr()
+    assert _cli(["run", str(tiny_artifact), "--ids", "1 2 3", "--max-tokens", "2", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["prompt_ids"] == [1, 2, 3] and len(res["ids"]) == 2 and len(res["text"].split()) == 2
 
 
 def test_cli_bench(tiny_artifact, capsys):
-    assert _cli(["bench", str(tiny_artifact), "--tokens", "5", "--batch", "2", "--json"]) == 0
+    assert _cli(["bench", str(tiny_artifact), "--steps", "5", "--batch-size", "2", "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
-    assert res["batch"] == 2 and res["ms_per_step"] > 0 and res["size_bytes"] > 0
+    assert res["batch_size"] == 2 and res["ms_per_step"] > 0 and res["size_bytes"] > 0
+    assert res["loop"] and res["backend"] == "kernels" and res["run_tokens_per_s"] > 0
 
 
 def test_cli_errors(tmp_path, tiny_artifact, capsys):
     assert _cli(["run", str(tmp_path / "missing.g2q"), "--prompt", "w1"]) == 2
     assert "artifact not found" in capsys.readouterr().err
-    assert _cli(["bench", str(tiny_artifact), "--tokens", "0"]) == 2
-    assert "--tokens" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        _cli(["bench", str(tiny_artifact), "--steps", "0"])
+    assert exc.value.code == 2 and "--steps: expected a positive integer" in capsys.readouterr().err
 
 
 def test_cli_eval_ptb(tmp_path, capsys, data_root):
@@ -278,20 +305,18 @@ def test_cli_eval_ptb(tmp_path, capsys, data_root):
 
 
 def test_backends():
-    import importlib.util
-
     w = random_lm_weights(V, H, 2, 4, emb=E, seed=2)
-    ref = Engine(w, VOCAB, backend="reference")
+    g = w.to_graph()
+    ref = Engine(g, VOCAB, backend="reference")
     assert ref.backend == "reference"
     toks = np.array([1, 5])
     want = reference.lm_step_ref(w, toks, *reference.initial_state(w, 2))[0]
     np.testing.assert_array_equal(ref.step(toks)[0], want)
-    if importlib.util.find_spec("g2quant.targets.cpu.kernels") is not None:
-        fast = Engine(w, VOCAB, backend="kernels")
-        assert fast.backend == "kernels"
-        _close(fast.step(toks)[0], want)
+    fast = Engine(g, VOCAB, backend="kernels")
+    assert fast.backend == "kernels"
+    _close(fast.step(toks)[0], want)
     with pytest.raises(ValueError, match="backend must be"):
-        Engine(w, VOCAB, backend="gpu")
+        Engine(g, VOCAB, backend="gpu")
 
 
 def test_cli_eval_maps_vocab_and_rejects_without_unk(tmp_path, capsys, monkeypatch):
@@ -305,8 +330,30 @@ def test_cli_eval_maps_vocab_and_rejects_without_unk(tmp_path, capsys, monkeypat
     p = write_lm_artifact(tmp_path / "x.g2q", w, ["<unk>", "a", "<eos>", "b"])     # "c" unknown
     assert _cli(["eval", str(p), "--batch-size", "2", "--bptt", "4"]) == 0
     captured = capsys.readouterr()
-    assert "1 PTB word types are not in the artifact vocabulary" in captured.err
+    assert "1 ptb word types are not in the model's vocabulary" in captured.err
     assert "batch size 2, bptt 4" in captured.out
     p2 = write_lm_artifact(tmp_path / "y.g2q", w, ["z", "a", "<eos>", "b"])         # no <unk>
     assert _cli(["eval", str(p2)]) == 2
     assert "no <unk>" in capsys.readouterr().err
+
+
+def test_cli_eval_text_file(tiny_artifact, tmp_path, capsys):
+    text = tmp_path / "notes.txt"
+    text.write_text("w1 w2 w3 zzz\nw4 w5\n\nw1 w1 w2\n")
+    assert _cli(["eval", str(tiny_artifact), "--text", str(text), "--batch-size", "2", "--bptt", "3", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    eng = Engine.load(tiny_artifact)
+    ids = [eng.word2id[w] for w in "w1 w2 w3 <unk> <eos> w4 w5 <eos> w1 w1 w2 <eos>".split()]
+    want = eng.perplexity(np.array(ids), batch_size=2, bptt=3)
+    assert res["tokens"] == want.tokens and abs(res["perplexity"] - want.perplexity) < 1e-9
+
+
+def test_every_subcommand_help_shows_defaults(capsys):
+    from g2quant.cli import build_parser
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    for name in sub.choices:
+        with pytest.raises(SystemExit):
+            main([name, "--help"])
+        out = capsys.readouterr().out
+        assert "(default:" in out and "--quiet" in out, name
+        assert "example" in out, name

@@ -146,11 +146,11 @@ def test_size_bytes_hand_computation(foreign):
     packed = lambda r, k, b: r * -(-k * b // 8)  # noqa: E731
     mats = [(40, 12), (80, 12), (80, 20), (80, 20), (80, 20), (40, 20)]  # emb, ih0, hh0, ih1, hh1, head
     expected = sum(packed(r, k, 4) + 4 * r for r, k in mats)
-    expected += 4 * (4 * 80 + 40)                                         # 4 LSTM bias vectors + head bias
+    expected += 4 * (2 * 80 + 40)              # one summed bias vector (b_ih + b_hh) per LSTM layer + head bias
     assert q.size_bytes() == expected
     assert q.float_size_bytes() == 4 * sum(p.numel() for p in foreign.parameters())
     q3 = g2quant.quantize(foreign, bits=3, skip=("head",))
-    dense = sum(-(-r * k * 3 // 8) + 4 * r for r, k in mats[:-1]) + 4 * (40 * 20 + 40) + 4 * (4 * 80)
+    dense = sum(-(-r * k * 3 // 8) + 4 * r for r, k in mats[:-1]) + 4 * (40 * 20 + 40) + 4 * (2 * 80)
     assert q3.size_bytes(dense=True) == dense
 
 

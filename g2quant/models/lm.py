@@ -103,3 +103,12 @@ class WordLM(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def _build(config: dict) -> WordLM:
+    return WordLM(LMConfig.from_dict(config))
+
+
+from ..checkpoint import register_model  # noqa: E402
+
+register_model("word_lm", _build)

@@ -1,50 +1,45 @@
-"""Torch-free CPU inference engine for word-level LSTM LM artifacts (``NAME.g2q``).
+"""Torch-free CPU engine for any ``cpu`` artifact (``NAME.g2q``).
 
     eng = Engine.load("model.g2q")
-    logits, state = eng.step([tok], eng.initial_state())
-    lp = eng.score(ids)                      # log p(ids[t+1] | ids[:t+1])
-    rep = eng.perplexity(test_ids, batch_size=20, bptt=35)
-    out = eng.generate(eng.encode("the stock"), 20)
+    y, state = eng.run(x)                    # x shaped like the torch model's input
+    y_t, state = eng.step(x_t, state)        # streaming, one time step (unidirectional models)
 
-The hot path is ``g2quant.targets.cpu.kernels`` (Numba): ``prepare_lm(w)`` once, then
-``lm_step(km, tokens, h, c)`` per time step, which updates ``h``/``c`` in place and may reuse
-its logits buffer. When that module is absent (or ``backend="reference"``) a shim over the
-NumPy reference (``reference.lm_step_ref``) with the same API is used instead;
-``$G2QUANT_CPU_BACKEND=reference`` forces the shim for ``backend="auto"``.
+Word-level language models (token ids in, per-step logits over the same vocabulary out) also get
+``score``, ``perplexity``, ``generate``, ``encode`` / ``decode`` on top of ``run`` / ``step``.
 
-State: ``LMState(h, c)``, float32 arrays ``[num_layers, batch, hidden]``. ``step`` never
-modifies the state it is given and returns fresh logits and a fresh state; ``step_`` is the
-in-place variant for hot loops (it overwrites the given state and returns the kernel's
-logits buffer, valid only until the next call).
+Each node of the graph runs its CPU program (``programs``: Numba kernels on bit-packed weights,
+specialized on first use for the artifact's widths and this CPU's inner loop, cached on disk) or,
+for what the kernels do not cover (float matrices, float activations) and with
+``backend="reference"``, its NumPy reference.
+
+Concurrency: every call allocates its own scratch; the engine holds only read-only packed
+weights, so one engine may serve several threads at once, each with its own state.
 """
 from __future__ import annotations
 
-import importlib
+import logging
 import math
 import os
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable
 
 import numpy as np
 
-from ..artifact import ArtifactError, artifact_size
-from ..qweights import QuantLMWeights
-from . import reference
-from .export import check_lm_shapes, read_lm_artifact, storage_bits
+from ..artifact import artifact_size
+from ..graph import Graph
+from ..reference import REFERENCE
+from ..runtime import Runtime, State
+from . import kernels, programs
+from .target import check, read, size_bytes
 
-__all__ = ["Engine", "LMState", "PerplexityReport", "load_kernels"]
+__all__ = ["Engine", "State", "PerplexityReport", "BACKENDS"]
 
-
-class LMState(NamedTuple):
-    """Recurrent state: ``h`` and ``c`` float32 ``[num_layers, batch, hidden]``."""
-
-    h: np.ndarray
-    c: np.ndarray
-
-    def copy(self) -> "LMState":
-        return LMState(self.h.copy(), self.c.copy())
+log = logging.getLogger("g2quant.engine")
+BACKENDS = ("auto", "kernels", "reference")
+COMPILE_NOTICE_AFTER_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -63,184 +58,188 @@ class PerplexityReport:
                 f"(batch size {self.batch_size}, bptt {self.bptt}, state carried; {self.seconds:.2f} s)")
 
 
-class _ReferenceKernels:
-    """The kernels API on top of the NumPy reference (slow, always available)."""
-
-    @staticmethod
-    def prepare_lm(w: QuantLMWeights):
-        return w
-
-    @staticmethod
-    def lm_step(km, tokens, h, c):
-        logits, h_new, c_new = reference.lm_step_ref(km, tokens, h, c)
-        h[...] = h_new
-        c[...] = c_new
-        return logits
-
-    @staticmethod
-    def cpu_features() -> dict:
-        return {"backend": "numpy-reference"}
-
-
-def load_kernels(backend: str = "auto"):
-    """Return the kernels module (``"kernels"``), the NumPy shim (``"reference"``), or the
-    kernels if present else the shim (``"auto"``, overridable with ``$G2QUANT_CPU_BACKEND``)."""
-    if backend == "auto":
-        backend = os.environ.get("G2QUANT_CPU_BACKEND", "auto") or "auto"
-    if backend == "reference":
-        return _ReferenceKernels
-    if backend not in ("auto", "kernels"):
-        raise ValueError(f"backend must be 'auto', 'kernels' or 'reference', got {backend!r}")
-    name = __package__ + ".kernels"
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError as exc:
-        if backend == "auto" and exc.name == name:
-            return _ReferenceKernels
-        raise
-
-
 def _log_softmax_pick(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """``log_softmax(logits)[b, targets[b]]`` for each row, float64."""
+    """``log_softmax(logits)[n, targets[n]]`` for each row of ``[N, V]``, float64."""
     m = logits.max(axis=1, keepdims=True)
     lse = np.log(np.exp(logits - m).sum(axis=1, dtype=np.float64)) + m[:, 0]
     return logits[np.arange(len(targets)), targets].astype(np.float64) - lse
 
 
-class Engine:
-    """Runs a quantized word-level LSTM LM on the CPU; see the module docstring."""
+def _resolve_backend(backend: str) -> str:
+    if backend == "auto":
+        backend = os.environ.get("G2QUANT_CPU_BACKEND", "auto") or "auto"
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return "kernels" if backend == "auto" else backend
 
-    def __init__(self, weights: QuantLMWeights, vocab: list[str], manifest: dict | None = None, *,
-                 path=None, backend: str = "auto", keep_weights: bool = True):
-        check_lm_shapes(weights, len(vocab))
-        self.weights = weights
-        self.vocab = list(vocab)
+
+def _loop_arg():
+    """The active inner loop as the kernels take it."""
+    path = kernels.get_path()
+    try:
+        from .isa import loop_id
+    except ImportError:
+        return path == "vnni"
+    return loop_id(path)
+
+
+def numba_cache_dir() -> str:
+    from numba.core.config import CACHE_DIR
+    return CACHE_DIR or "__pycache__ next to the g2quant modules"
+
+
+class Engine(Runtime):
+    """Runs a lowered graph on the CPU; see the module docstring."""
+
+    def __init__(self, graph: Graph, vocab: list[str] | None = None, manifest: dict | None = None, *, path=None,
+                 backend: str = "auto", threads: int | None = None,
+                 on_compile: Callable[[str], None] | None = None, warmup: bool = True):
+        super().__init__(graph)
+        check(graph)
+        self.vocab = None if vocab is None else list(vocab)
+        if self.vocab is not None and (self.input_kind != "tokens" or len(self.vocab) != self.input_size):
+            raise ValueError(f"a vocabulary of {len(self.vocab)} words does not fit this model's input")
         self.manifest = dict(manifest or {})
         self.path = None if path is None else Path(path)
-        self.kernels = load_kernels(backend)
-        self.backend = "reference" if self.kernels is _ReferenceKernels else "kernels"
+        self.backend = _resolve_backend(backend)
+        self.threads = None if threads is None else _threads(threads)
+        self.loop = kernels.get_path() if self.backend == "kernels" else "numpy"
+        self._ctx = programs.BuildContext(_loop_arg())
         t0 = time.perf_counter()
-        self._km = self.kernels.prepare_lm(weights)
+        self._fn_cache = [self._node_fn(n) for n in graph.nodes]
         self.prepare_seconds = time.perf_counter() - t0
-        if not keep_weights and self.kernels is not _ReferenceKernels:
-            self.weights = None          # the kernels hold their own packed copy
-        self._word2id = {w: i for i, w in enumerate(self.vocab)}
-        self.num_layers, self.hidden_size, self.vocab_size = (
-            weights.num_layers, weights.hidden_size, weights.vocab_size)
+        self._word2id = {w: i for i, w in enumerate(self.vocab)} if self.vocab is not None else {}
+        self.compile_seconds = self._warmup(on_compile) if warmup and self.backend == "kernels" else 0.0
 
     @classmethod
-    def load(cls, path, *, backend: str = "auto", keep_weights: bool = False) -> "Engine":
-        """Verify and load ``path`` (``NAME.g2q``) and prepare the kernels.
+    def load(cls, path, *, backend: str = "auto", threads: int | None = None,
+             on_compile: Callable[[str], None] | None = None, warmup: bool = True) -> "Engine":
+        """Verify and load ``path`` (``NAME.g2q``), pack its weights for the kernels and compile (or
+        load from the cache) the kernels it needs; ``on_compile(message)`` is called when that
+        takes more than half a second (first use on this machine)."""
+        graph, vocab, man = read(path)
+        return cls(graph, vocab, man, path=path, backend=backend, threads=threads, on_compile=on_compile,
+                   warmup=warmup)
 
-        ``keep_weights=False`` drops the unpacked ``QuantLMWeights`` once the kernels have
-        packed their own copy (``engine.weights`` is then ``None``), saving memory."""
-        w, vocab, man = read_lm_artifact(path)
-        if man.get("target") != "cpu":
-            raise ArtifactError(f"manifest.json: target is {man.get('target')!r}; this engine runs 'cpu' artifacts")
-        return cls(w, vocab, man, path=path, backend=backend, keep_weights=keep_weights)
+    def _node_fn(self, node):
+        if self.backend == "reference":
+            return REFERENCE[node.op](self.graph, node)
+        return programs.build(self.graph, node, self._ctx)
+
+    def _warmup(self, on_compile) -> float:
+        """One batch-1 step on a dummy input: compiles (or loads) every kernel this graph uses."""
+        msg = f"compiling CPU kernels for {self.loop} (once; cached in {numba_cache_dir()})"
+        done = threading.Event()
+
+        def notice():
+            if not done.wait(COMPILE_NOTICE_AFTER_S):
+                log.debug(msg)
+                if on_compile is not None:
+                    on_compile(msg)
+        timer = threading.Thread(target=notice, daemon=True)
+        timer.start()
+        t0 = time.perf_counter()
+        try:
+            x = np.zeros((1, 1), np.int64) if self.input_kind == "tokens" else np.zeros((1, 1, self.input_size),
+                                                                                    np.float32)
+            self._execute(x, self.initial_state(1))
+        finally:
+            done.set()
+            timer.join()
+        return time.perf_counter() - t0
+
+    def _execute(self, xs, state):
+        if self.threads is not None:
+            import numba
+            numba.set_num_threads(self.threads)
+        return super()._execute(xs, state)
 
     @property
     def size_bytes(self) -> int:
-        """Artifact size on disk (or the packed matrix bytes plus scales when not loaded from disk)."""
+        """Artifact size on disk (or the stored size of the parameters when not loaded from disk)."""
         if self.path is not None:
             return artifact_size(self.path)
-        w = self.weights
-        mats = [w.embedding] + [m for l in w.layers for m in (l.w_ih, l.w_hh)] + \
-            ([] if w.decoder is None else [w.decoder])
-        return sum(-(-m.q.shape[1] * storage_bits(m) // 8) * m.q.shape[0] + m.scale.nbytes for m in mats)
+        return size_bytes(self.graph.params)
 
-    # ---- state and single steps -------------------------------------------------------------
-    def initial_state(self, batch: int = 1) -> LMState:
-        shape = (self.num_layers, int(batch), self.hidden_size)
-        return LMState(np.zeros(shape, np.float32), np.zeros(shape, np.float32))
+    def info(self) -> dict:
+        """Backend, inner loop, CPU features, threads, timings: what benchmarks record."""
+        import numba
+        return {"backend": self.backend, "loop": self.loop, "cpu_features": kernels.cpu_features(),
+                "threads": self.threads or numba.get_num_threads(), "threading_layer": _threading_layer(),
+                "prepare_s": self.prepare_seconds, "compile_s": self.compile_seconds}
+
+    # ---- language-model conveniences -------------------------------------------------------------
+    @property
+    def is_lm(self) -> bool:
+        """Token ids in, per-step scores over the same vocabulary out (a word-level LM)."""
+        return (self.input_kind == "tokens" and self.output_info.kind == "seq"
+                and self.output_info.features == self.input_size and self.graph.output["layout"] in ("tb", "bt"))
+
+    def _require_lm(self, what: str) -> None:
+        if not self.is_lm:
+            raise ValueError(f"{what} needs a language model (token ids in, per-step logits over the same "
+                             f"vocabulary out); this model maps {self.input_kind} to {self.output_info.kind} "
+                             f"features of size {self.output_info.features}")
+        if not self.streamable:
+            raise ValueError(f"{what} needs a unidirectional model")
+
+    @property
+    def vocab_size(self) -> int:
+        return self.input_size if self.input_kind == "tokens" else 0
 
     def _tokens(self, tokens) -> np.ndarray:
-        t = np.ascontiguousarray(np.asarray(tokens).reshape(-1), dtype=np.int64)
-        if t.size == 1:                                      # the streaming case: keep it cheap
-            lo = hi = int(t[0])
-        elif t.size:
-            lo, hi = int(t.min()), int(t.max())
-        else:
-            return t
-        if lo < 0 or hi >= self.vocab_size:
-            raise ValueError(f"token id {lo if lo < 0 else hi} is out of range [0, {self.vocab_size})")
-        return t
+        return self._check_tokens(np.asarray(tokens).reshape(-1) if np.ndim(tokens) else np.asarray([tokens]))
 
-    def _check_state(self, state, batch: int) -> LMState:
-        try:
-            h, c = state
-        except (TypeError, ValueError) as exc:
-            raise ValueError("state must be an LMState (h, c) as returned by initial_state()") from exc
-        want = (self.num_layers, batch, self.hidden_size)
-        if (type(h) is np.ndarray and type(c) is np.ndarray and h.shape == want and c.shape == want
-                and h.dtype == np.float32 and c.dtype == np.float32 and h.flags.c_contiguous
-                and c.flags.c_contiguous and h.flags.writeable and c.flags.writeable):
-            return state if isinstance(state, LMState) else LMState(h, c)        # fast path
-        for name, a in (("h", h), ("c", c)):
-            if not isinstance(a, np.ndarray) or a.dtype != np.float32 or a.shape != want:
-                raise ValueError(f"state.{name} must be float32 {want}, got "
-                                 f"{getattr(a, 'dtype', type(a).__name__)} {getattr(a, 'shape', '')}")
-            if not a.flags.c_contiguous or not a.flags.writeable:
-                raise ValueError(f"state.{name} must be C-contiguous and writeable")
-        return LMState(h, c)
+    def _lm_window(self, toks_tb: np.ndarray, st: State) -> tuple[np.ndarray, State]:
+        """Logits ``[T, B, V]`` of a time-major window, state advanced."""
+        return self._execute(np.ascontiguousarray(toks_tb), st)
 
-    def step_(self, tokens, state: LMState) -> np.ndarray:
-        """In place: advance ``state`` by one step and return the logits ``[B, V]``.
-
-        The returned array may be the kernel's reused buffer: copy it to keep it."""
-        t = self._tokens(tokens)
-        h, c = self._check_state(state, t.size)
-        return self.kernels.lm_step(self._km, t, h, c)
-
-    def step(self, tokens, state: LMState | None = None) -> tuple[np.ndarray, LMState]:
-        """One step for token ids ``[B]``; returns fresh ``(logits [B, V], new_state)``.
-
-        The given ``state`` is not modified (``None`` means the zero state)."""
-        t = self._tokens(tokens)
-        st = self.initial_state(t.size) if state is None else self._check_state(state, t.size).copy()
-        logits = self.kernels.lm_step(self._km, t, st.h, st.c)
-        return np.array(logits, dtype=np.float32, copy=True), st
-
-    # ---- sequences ------------------------------------------------------------------------
-    def score(self, tokens, state: LMState | None = None) -> np.ndarray:
+    def score(self, tokens, state=None) -> np.ndarray:
         """Log-probabilities of each next token: ``[T-1]`` for ``[T]`` input, ``[B, T-1]`` for ``[B, T]``.
 
         Entry ``t`` is ``log p(tokens[t+1] | tokens[:t+1])`` starting from ``state`` (zero state
         by default; the given state is not modified)."""
+        self._require_lm("score()")
         arr = np.asarray(tokens)
         if arr.ndim not in (1, 2):
             raise ValueError(f"score expects token ids of shape [T] or [B, T], got {arr.shape}")
-        toks = np.atleast_2d(arr).astype(np.int64)
-        self._tokens(toks)
+        toks = self._check_tokens(np.atleast_2d(arr))
         B, T = toks.shape
-        st = self.initial_state(B) if state is None else self._check_state(state, B).copy()
-        out = np.empty((B, max(T - 1, 0)), np.float64)
-        for t in range(T - 1):
-            logits = self.kernels.lm_step(self._km, np.ascontiguousarray(toks[:, t]), st.h, st.c)
-            out[:, t] = _log_softmax_pick(logits, toks[:, t + 1])
+        if T < 2:
+            return np.empty((B, 0)) if arr.ndim == 2 else np.empty(0)
+        st = self.check_state(state, B).copy()
+        logits, _ = self._lm_window(toks[:, :-1].T, st)
+        out = _log_softmax_pick(logits.reshape(-1, logits.shape[-1]), toks[:, 1:].T.reshape(-1))
+        out = out.reshape(T - 1, B).T
         return out[0] if arr.ndim == 1 else out
 
-    def perplexity(self, tokens, *, batch_size: int = 20, bptt: int = 35) -> PerplexityReport:
+    def perplexity(self, tokens, *, batch_size: int = 20, bptt: int = 35, progress=None) -> PerplexityReport:
         """Perplexity of a token stream, evaluated like the PTB convention.
 
         The stream is cut into ``batch_size`` contiguous rows (the tail that does not fill a
         row is dropped); each row is predicted token by token with the state carried across
-        the whole row, processed in windows of ``bptt`` steps (the window only bounds the
-        work per chunk; with the state carried it does not change the result)."""
+        the whole row, processed in windows of ``bptt`` steps (with the state carried, the window
+        only bounds the work per call; it does not change the result). ``progress(done, total)``
+        is called after each window."""
+        self._require_lm("perplexity()")
         ids = self._tokens(tokens)
-        if batch_size < 1 or bptt < 1:
-            raise ValueError("batch_size and bptt must be positive")
+        for name, v in (("batch_size", batch_size), ("bptt", bptt)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
         n = ids.size // batch_size
         if n < 2:
             raise ValueError(f"{ids.size} tokens are too few for batch size {batch_size}")
-        data = ids[: n * batch_size].reshape(batch_size, n)
+        data = ids[: n * batch_size].reshape(batch_size, n).T            # [n, B] time-major
         st = self.initial_state(batch_size)
         total = 0.0
         t0 = time.perf_counter()
         for start in range(0, n - 1, bptt):
-            for t in range(start, min(start + bptt, n - 1)):
-                logits = self.kernels.lm_step(self._km, np.ascontiguousarray(data[:, t]), st.h, st.c)
-                total += float(_log_softmax_pick(logits, data[:, t + 1]).sum())
+            end = min(start + bptt, n - 1)
+            logits, st = self._lm_window(data[start:end], st)
+            total += float(_log_softmax_pick(logits.reshape(-1, logits.shape[-1]),
+                                             data[start + 1:end + 1].reshape(-1)).sum())
+            if progress is not None:
+                progress(end, n - 1)
         count = batch_size * (n - 1)
         nll = -total / count
         return PerplexityReport(perplexity=math.exp(nll), nll=nll, tokens=count, batch_size=batch_size,
@@ -253,26 +252,30 @@ class Engine:
         ``temperature=0`` is greedy (deterministic); otherwise sample from
         ``softmax(logits / temperature)`` (optionally restricted to the ``top_k`` most likely)
         with ``np.random.default_rng(seed)``. An empty prompt starts from ``<eos>``."""
+        self._require_lm("generate()")
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+            raise ValueError(f"n must be a non-negative integer, got {n!r}")
+        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
+            raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1):
+            raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
         prompt = self._tokens(prompt_ids)
         if prompt.size == 0:
             if "<eos>" not in self._word2id:
                 raise ValueError("empty prompt and the vocabulary has no <eos> to start from")
             prompt = np.array([self._word2id["<eos>"]], np.int64)
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
         rng = np.random.default_rng(seed)
         st = self.initial_state(1)
-        logits = None
-        for tok in prompt:
-            logits = self.kernels.lm_step(self._km, np.array([tok], np.int64), st.h, st.c)
+        logits, st = self._lm_window(prompt[:, None], st)
+        z = logits[-1, 0]
         out = np.empty(int(n), np.int64)
         for i in range(int(n)):
-            z = logits[0].astype(np.float64)
+            z = z.astype(np.float64)
             if temperature == 0:
                 nxt = int(np.argmax(z))
             else:
                 z = z / temperature
-                if top_k is not None and 0 < top_k < z.size:
+                if top_k is not None and top_k < z.size:
                     kth = np.partition(z, -top_k)[-top_k]
                     z = np.where(z >= kth, z, -np.inf)
                 p = np.exp(z - z.max())
@@ -280,13 +283,19 @@ class Engine:
                 nxt = min(int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right")), z.size - 1)
             out[i] = nxt
             if i + 1 < n:
-                logits = self.kernels.lm_step(self._km, np.array([nxt], np.int64), st.h, st.c)
+                logits, st = self._lm_window(np.array([[nxt]], np.int64), st)
+                z = logits[0, 0]
         return out
 
-    # ---- text ---------------------------------------------------------------------------
+    # ---- text ------------------------------------------------------------------------------------
+    def _require_vocab(self):
+        if self.vocab is None:
+            raise ValueError("this artifact has no vocabulary (it was exported without vocab=); use token ids")
+
     def encode(self, text: str, *, unknown: str = "unk") -> np.ndarray:
         """Whitespace-split ``text`` into ids; unknown words map to ``<unk>`` (``unknown="unk"``)
         or raise ``ValueError`` (``unknown="error"``, or when there is no ``<unk>``)."""
+        self._require_vocab()
         if unknown not in ("unk", "error"):
             raise ValueError(f"unknown must be 'unk' or 'error', got {unknown!r}")
         unk = self._word2id.get("<unk>") if unknown == "unk" else None
@@ -306,11 +315,33 @@ class Engine:
 
     def unknown_words(self, text: str) -> list[str]:
         """Words of ``text`` that are not in the vocabulary."""
+        self._require_vocab()
         return [w for w in text.split() if w not in self._word2id]
 
     def decode(self, ids) -> str:
-        return " ".join(self.vocab[int(i)] for i in np.asarray(ids).reshape(-1))
+        self._require_vocab()
+        ids = self._tokens(ids)
+        return " ".join(self.vocab[int(i)] for i in ids)
 
     def __repr__(self) -> str:
-        return (f"Engine(vocab={self.vocab_size}, hidden={self.hidden_size}, layers={self.num_layers}, "
-                f"backend={self.backend!r}, path={str(self.path) if self.path else None!r})")
+        return (f"Engine({self.input_kind}[{self.input_size}] -> {self.output_info.kind}[{self.output_info.features}], "
+                f"{len(self.graph.nodes)} nodes, backend={self.backend!r}, loop={self.loop!r}, "
+                f"path={str(self.path) if self.path else None!r})")
+
+
+def _threads(n) -> int:
+    import numba
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"threads must be a positive integer, got {n!r}")
+    limit = numba.config.NUMBA_NUM_THREADS
+    if n > limit:
+        raise ValueError(f"threads={n} exceeds the {limit} threads Numba was started with (set NUMBA_NUM_THREADS)")
+    return int(n)
+
+
+def _threading_layer() -> str:
+    import numba
+    try:
+        return numba.threading_layer()
+    except ValueError:          # no parallel region has run yet
+        return "not initialized"

@@ -200,12 +200,17 @@ def prepare(m: QMatrix) -> KMatrix:
 def qmatmul(km: KMatrix, x: np.ndarray, act_bits: int | None = 8, out: np.ndarray | None = None) -> np.ndarray:
     """``y [B, R] = Q(W) · A8(x)`` for ``x [B, K]`` (= ``reference.qmatmul_ref``).
 
-    ``act_bits=None`` or a float matrix: float product with the dequantized weight (slow path).
+    ``act_bits=None``: float product with the dequantized weight; a float matrix: the float weight
+    times the dequantized A8 activations (slow path, NumPy).
     """
     x = np.ascontiguousarray(np.atleast_2d(x), dtype=np.float32)
     if x.shape[1] != km.cols:
         raise ValueError(f"x has {x.shape[1]} columns, the matrix {km.cols}")
     if km.scheme == "float" or act_bits is None:
+        if act_bits is not None:            # A8 activations times a float weight, as the torch model computes
+            from ..reference import quantize_act
+            xq, sx = quantize_act(x)
+            x = xq.astype(np.float32) * sx[:, None]
         y = x @ km.dense.T
         if out is None:
             return y

@@ -1,6 +1,9 @@
-"""Write and read the CPU-target artifact of a word-level LSTM LM (torch-free).
+"""Format version 1 of the CPU artifact: word-level LSTM LMs only (g2quant 0.1). Still read.
 
-``write_lm_artifact(path, w, vocab)`` stores a ``QuantLMWeights`` as ``NAME.g2q/``
+``read_v1(path)`` turns a v1 artifact into the lowered graph of the model; ``write_v1_lm_artifact``
+exists so that the compatibility test can make one. The v1 description:
+
+``write_v1_lm_artifact(path, w, vocab)`` stores a ``QuantLMWeights`` as ``NAME.g2q/``
 (see ``g2quant.targets.artifact``) with quantized matrices **bit-packed** at their storage
 width (1 -> 1-bit, ternary and 2 -> 2-bit, 3..4 -> 4-bit, 5..8 -> 8-bit; ``uint8`` words,
 layout in ``g2quant.targets.pack``), scales and biases float32 and float matrices float32.
@@ -19,7 +22,9 @@ import numpy as np
 
 from .. import pack
 from ..artifact import ArtifactError, load_artifact, write_artifact
-from ..qweights import GATE_NAMES, QLSTMLayer, QMatrix, QuantLMWeights, storage_width
+from ..qweights import GATE_NAMES, QLSTMLayer, QMatrix, QuantLMWeights
+from ..graphio import check_vocab as _check_vocab
+from .target import storage_width
 
 VOCAB_FILE = "vocab.txt"
 MODEL_KIND = "word_lm"
@@ -62,16 +67,6 @@ def check_lm_shapes(w: QuantLMWeights, vocab_len: int | None = None, *, err=Valu
         raise err(f"decoder_bias has shape {np.shape(w.decoder_bias)}, expected ({V},)")
 
 
-def _check_vocab(vocab) -> list[str]:
-    vocab = list(vocab)
-    seen = set()
-    for i, word in enumerate(vocab):
-        if not isinstance(word, str) or not word or any(ch in word for ch in "\n\r"):
-            raise ValueError(f"vocab[{i}] = {word!r}: words must be non-empty strings without line breaks")
-        if word in seen:
-            raise ValueError(f"vocab[{i}] = {word!r} is a duplicate")
-        seen.add(word)
-    return vocab
 
 
 def _matrices(w: QuantLMWeights):
@@ -83,8 +78,8 @@ def _matrices(w: QuantLMWeights):
         yield "decoder", w.decoder
 
 
-def write_lm_artifact(path, w: QuantLMWeights, vocab: list[str], *, target: str = "cpu",
-                      validation: dict | None = None, meta: dict | None = None) -> Path:
+def write_v1_lm_artifact(path, w: QuantLMWeights, vocab: list[str], *, target: str = "cpu",
+                         validation: dict | None = None, meta: dict | None = None) -> Path:
     """Write ``w`` and ``vocab`` as an artifact directory at ``path``; return its Path."""
     if not isinstance(w, QuantLMWeights):
         raise ValueError(f"expected QuantLMWeights, got {type(w).__name__}")
@@ -121,7 +116,7 @@ def write_lm_artifact(path, w: QuantLMWeights, vocab: list[str], *, target: str 
         "tensors": entries,
     }
     files = {VOCAB_FILE: ("\n".join(vocab) + "\n").encode("utf-8")}
-    return write_artifact(path, manifest, tensors, files)
+    return write_artifact(path, manifest, tensors, files, format_version=1)
 
 
 def _need(cond, msg):
@@ -159,6 +154,13 @@ def _read_matrix(man: dict, tensors: dict, name: str) -> QMatrix:
         raise
     except ValueError as exc:
         raise ArtifactError(f"{key}: {exc}") from exc
+
+
+def read_v1(path):
+    """``(graph, vocab, manifest)`` of a format-1 artifact."""
+    w, vocab, man = read_lm_artifact(path)
+    graph = w.to_graph()
+    return graph, vocab, man
 
 
 def read_lm_artifact(path) -> tuple[QuantLMWeights, list[str], dict]:
