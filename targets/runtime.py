@@ -55,6 +55,15 @@ class Runtime:
         self.input_size = graph.input["size"]
         self.batch_first = graph.input["layout"] == "bt"
         self.output_info = self.values[graph.output["value"]]
+        self._shapes: dict[int, list] = {}
+
+    def _state_shapes(self, batch: int) -> list:
+        shapes = self._shapes.get(batch)
+        if shapes is None:
+            shapes = [get_op(n.op).state_shapes(n, batch) for n in self.recurrent]
+            if len(self._shapes) < 64:
+                self._shapes[batch] = shapes
+        return shapes
 
     # ---- subclass hook -------------------------------------------------------------------
     def _node_fn(self, node):
@@ -64,8 +73,7 @@ class Runtime:
     def initial_state(self, batch: int = 1) -> State:
         """The zero state for ``batch`` sequences."""
         batch = _positive(batch, "batch")
-        return State(tuple(np.zeros(s, np.float32) for s in get_op(n.op).state_shapes(n, batch))
-                     for n in self.recurrent)
+        return State(tuple(np.zeros(s, np.float32) for s in shapes) for shapes in self._state_shapes(batch))
 
     def check_state(self, state, batch: int) -> State:
         """``state`` as a State of the right shapes (a bare ``(h, c)`` is accepted for one LSTM)."""
@@ -77,12 +85,15 @@ class Runtime:
             raise ValueError(f"state must hold one entry per recurrent node ({len(self.recurrent)}), as returned "
                              "by initial_state() or run()")
         out = []
-        for node, entry in zip(self.recurrent, state):
-            shapes = get_op(node.op).state_shapes(node, batch)
+        for node, entry, shapes in zip(self.recurrent, state, self._state_shapes(batch)):
             if not isinstance(entry, tuple) or len(entry) != len(shapes):
                 raise ValueError(f"state of {node.name!r} must be a tuple of {len(shapes)} arrays")
             arrs = []
             for a, shp in zip(entry, shapes):
+                if type(a) is np.ndarray and a.dtype == np.float32 and a.shape == shp and a.flags.c_contiguous \
+                        and a.flags.writeable:
+                    arrs.append(a)                              # the common case, cheaply
+                    continue
                 if not isinstance(a, np.ndarray) or a.dtype != np.float32 or a.shape != shp:
                     raise ValueError(f"state of {node.name!r} must be float32 arrays of shape {shp} (batch {batch}), "
                                      f"got {getattr(a, 'dtype', type(a).__name__)} {getattr(a, 'shape', '')}")
@@ -96,10 +107,12 @@ class Runtime:
             return t.astype(np.int64)
         if t.dtype.kind not in "iu":
             raise ValueError(f"token ids must be integers, got dtype {t.dtype}")
-        if t.size:
+        if t.size == 1:
+            lo = hi = int(t.reshape(-1)[0])
+        else:
             lo, hi = int(t.min()), int(t.max())
-            if lo < 0 or hi >= self.input_size:
-                raise ValueError(f"token id {lo if lo < 0 else hi} is out of range [0, {self.input_size})")
+        if lo < 0 or hi >= self.input_size:
+            raise ValueError(f"token id {lo if lo < 0 else hi} is out of range [0, {self.input_size})")
         return t.astype(np.int64, copy=False)
 
     def _sequence_input(self, x) -> np.ndarray:

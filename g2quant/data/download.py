@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 import tempfile
 import urllib.request
 from pathlib import Path
@@ -37,9 +38,12 @@ def download(url: str, dest: Path, sha256: str, *, progress: bool = True) -> Pat
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as resp:
             total = int(resp.headers.get("Content-Length") or 0)
             bar = None
-            if progress:
-                from tqdm import tqdm
-                bar = tqdm(total=total or None, unit="B", unit_scale=True, desc=f"download {dest.name}")
+            if progress and sys.stderr.isatty():
+                try:
+                    from tqdm import tqdm       # optional: not part of the runtime-only install
+                    bar = tqdm(total=total or None, unit="B", unit_scale=True, desc=f"download {dest.name}")
+                except ImportError:
+                    print(f"downloading {url}", file=sys.stderr)
             for chunk in iter(lambda: resp.read(1 << 16), b""):
                 out.write(chunk)
                 if bar is not None:
