@@ -154,8 +154,9 @@ class _Loop:
     accumulator; ``panel_accs``: accumulators per row in the panel kernel; ``batch_group``:
     vectors per pass of the batch kernel; ``features``: LLVM target features its kernels need
     (appended to Numba's). ``row_chunk(b, chains, us, xs, bw)`` adds
-    ``Σ_p Σ_t (us[p][t] − code_bias(bw))·xs[p][t]`` over the planes of one row part (``us``/``xs``:
-    ``<vector_bytes x i8>`` codes and activations per plane) into ``chains``."""
+    ``Σ_p Σ_t (us[p][t] − code_bias(bw))·xs[p][t]`` over the planes of one row part (``us``:
+    ``<vector_bytes x i8>`` codes per plane, ``xs``: the activations per plane as ``prepare_x``
+    made them) into ``chains``."""
 
     name = ""
     vector_bytes = 64
@@ -170,6 +171,11 @@ class _Loop:
     @property
     def acc_type(self) -> ir.VectorType:
         return ir.VectorType(I32, self.lanes)
+
+    def prepare_x(self, b, x, bw: int):
+        """The form of one activation vector that ``row_chunk`` takes (computed once per part and
+        shared by the 4 rows of the tile); the ``<vector_bytes x i8>`` vector itself by default."""
+        return x
 
     def row_chunk(self, b, chains: _Chains, us: list, xs: list, bw: int) -> None:
         raise NotImplementedError
@@ -249,12 +255,17 @@ class _Neon(_Loop):
     def code_bias(self, bw):
         return 128 if bw == 8 else 0
 
+    def prepare_x(self, b, x, bw):
+        return _slices(b, x, 8)                          # the two d-register halves
+
     def row_chunk(self, b, chains, us, xs, bw):
+        # smull/smull2 (s8 × s8 → s16), summed in s16 while the bound allows (smlal), then
+        # saddlp (s16 pairs → s32; sadalp with the add)
         v8i8, v8i16, v4i32 = ir.VectorType(I8, 8), ir.VectorType(I16, 8), ir.VectorType(I32, 4)
         smull = _declare(b.module, "llvm.aarch64.neon.smull.v8i16", v8i16, [v8i8, v8i8])
         saddlp = _declare(b.module, "llvm.aarch64.neon.saddlp.v4i32.v8i16", v4i32, [v8i16])
         prods = [b.call(smull, [uh, xh]) for u, x in zip(us, xs)
-                 for uh, xh in zip(_slices(b, self._signed(b, u, bw), 8), _slices(b, x, 8))]
+                 for uh, xh in zip(_slices(b, self._signed(b, u, bw), 8), x)]
         for group in _groups(prods, S16_MAX // (self._max_code(bw) * ACT_QMAX)):
             s16 = _tree_sum(b, group)
             chains.add(lambda a: b.add(a, b.call(saddlp, [s16])))
@@ -263,10 +274,13 @@ class _Neon(_Loop):
 class _Portable(_Loop):
     name, vector_bytes, lanes, batch_group = "portable", 32, 8, 2
 
+    def prepare_x(self, b, x, bw):
+        return b.sext(x, ir.VectorType(I16, 32))
+
     def row_chunk(self, b, chains, us, xs, bw):
         v32i16, v8i32 = ir.VectorType(I16, 32), ir.VectorType(I32, 8)
         max_prod = self._max_code(bw) * ACT_QMAX
-        prods = [b.mul(b.zext(u, v32i16), b.sext(x, v32i16)) for u, x in zip(us, xs)]
+        prods = [b.mul(b.zext(u, v32i16), x) for u, x in zip(us, xs)]
         per_group = S16_MAX // max_prod
         for group in _groups(prods, per_group):
             s16, bound = _tree_sum(b, group), len(group) * max_prod
@@ -326,7 +340,8 @@ def _emit_tile_loop(b: ir.IRBuilder, w, x, x_stride, nchunks, bw: int, loop: _Lo
 
     for cc in range(cpi):
         for part in range(CHUNK_BYTES // vb):
-            xs = [[load(xv, (cc * planes + p) * CHUNK_BYTES + part * vb) for p in range(planes)] for xv in x_vecs]
+            xs = [[loop.prepare_x(b, load(xv, (cc * planes + p) * CHUNK_BYTES + part * vb), bw) for p in range(planes)]
+                  for xv in x_vecs]
             for r in range(TILE_ROWS):
                 word = load(w_it, (cc * TILE_ROWS + r) * CHUNK_BYTES + part * vb)
                 us = []
@@ -535,9 +550,10 @@ def _ptr(context, builder, aryty, ary, idxty, idx):
     return builder.gep(data, [context.cast(builder, idx, idxty, types.int64)], source_etype=etype)
 
 
-def _codegen(kind: str, bw: int, loop: _Loop):
+def _codegen(kind: str, bw: int, loop):
     """Lower a call ``kernel(<args per _SPECS[kind]>, loop)`` (each ``A`` given as an array and
-    an element offset) to a call of the LLVM function of ``loop``."""
+    an element offset) to a call of the LLVM function of ``loop`` (a ``_Loop``; a string is the
+    error message of a literal that names no loop, raised here)."""
     def codegen(context, builder, signature, args):
         if isinstance(loop, str):
             raise errors.NumbaValueError(loop)
