@@ -106,3 +106,10 @@ def test_demo_end_to_end(tmp_path, capsys):
     assert abs(a["valid_ppl_engine"] / a["valid_ppl_torch"] - 1) < 1e-3      # engine == torch quantized model
     assert a["size_bytes_on_disk"] < a["float_size_bytes"] / 4
     assert (out / "gates.png").stat().st_size > 1000 and (out / "model.g2q" / "manifest.json").exists()
+    # the demo artifact scores any text file in its vocabulary
+    text = tmp_path / "t.txt"
+    text.write_text("the dog sees a cat\nsome old teachers sleep today\n")
+    capsys.readouterr()
+    assert main(["eval", str(out / "model.g2q"), "--text", str(text), "--batch-size", "1", "--json", "-q"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["tokens"] == 11 + 1 - 1 and res["perplexity"] > 1
