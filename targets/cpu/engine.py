@@ -14,6 +14,10 @@ for what the kernels do not cover (float matrices, float activations) and with
 
 Concurrency: every call allocates its own scratch; the engine holds only read-only packed
 weights, so one engine may serve several threads at once, each with its own state.
+
+Threads: ``threads=n`` fixes the Numba thread count of every call; by default each kind of call
+(streaming step or sequence, by batch size) uses whichever of 1 or all threads it measures faster
+(``threads.py``): never much slower than one thread on a busy machine, parallel when idle.
 """
 from __future__ import annotations
 
@@ -34,6 +38,7 @@ from ..reference import REFERENCE
 from ..runtime import Runtime, State
 from . import kernels, programs
 from .target import check, read, size_bytes
+from .threads import ThreadPolicy, timed
 
 __all__ = ["Engine", "State", "PerplexityReport", "BACKENDS"]
 
@@ -103,6 +108,8 @@ class Engine(Runtime):
         self.path = None if path is None else Path(path)
         self.backend = _resolve_backend(backend)
         self.threads = None if threads is None else _threads(threads)
+        import numba
+        self._policy = ThreadPolicy(numba.config.NUMBA_NUM_THREADS)
         self.loop = kernels.get_path() if self.backend == "kernels" else "numpy"
         self._ctx = programs.BuildContext(_loop_arg())
         t0 = time.perf_counter()
@@ -142,7 +149,7 @@ class Engine(Runtime):
         try:
             x = np.zeros((1, 1), np.int64) if self.input_kind == "tokens" else np.zeros((1, 1, self.input_size),
                                                                                     np.float32)
-            self._execute(x, self.initial_state(1))
+            super()._execute(x, self.initial_state(1))
         finally:
             done.set()
             timer.join()
@@ -152,7 +159,10 @@ class Engine(Runtime):
         if self.threads is not None:
             import numba
             numba.set_num_threads(self.threads)
-        return super()._execute(xs, state)
+            return super()._execute(xs, state)
+        # automatic: the faster of 1 and all threads for this kind of call, measured (see threads.py)
+        key = (xs.shape[0] == 1, xs.shape[1])
+        return timed(self._policy, key, lambda: super(Engine, self)._execute(xs, state))
 
     @property
     def size_bytes(self) -> int:
@@ -165,7 +175,9 @@ class Engine(Runtime):
         """Backend, inner loop, CPU features, threads, timings: what benchmarks record."""
         import numba
         return {"backend": self.backend, "loop": self.loop, "cpu_features": kernels.cpu_features(),
-                "threads": self.threads or numba.get_num_threads(), "threading_layer": _threading_layer(),
+                "threads": self.threads if self.threads is not None else "auto",
+                "max_threads": numba.config.NUMBA_NUM_THREADS, "threading_layer": _threading_layer(),
+                "thread_choices": self._policy.summary(),
                 "prepare_s": self.prepare_seconds, "compile_s": self.compile_seconds}
 
     # ---- language-model conveniences -------------------------------------------------------------
