@@ -11,6 +11,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .targets.artifact import apply_umask
+
 META_KEY = "g2quant_checkpoint"
 FORMAT_VERSION = 1
 
@@ -34,17 +36,31 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, record: dic
         seen[key] = k
         state[k] = v.detach().contiguous().cpu()
     meta = {META_KEY: json.dumps({"format_version": FORMAT_VERSION, **record})}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    _clean_stale_tmp(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{path.name}.{os.getpid()}.", suffix=".tmp")
     os.close(fd)
     try:
         save_file(state, tmp, metadata=meta)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        apply_umask(Path(tmp))
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def _clean_stale_tmp(path: Path) -> None:
+    """Delete ``NAME.PID.*.tmp`` files that a killed writer of ``path`` left behind."""
+    from .targets.artifact import _pid_alive
+    for f in path.parent.glob(f"{path.name}.*.tmp"):
+        pid = f.name[len(path.name) + 1:].split(".", 1)[0]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            try:
+                f.unlink()
+            except OSError:
+                pass
 
 
 def load_checkpoint(path: str | os.PathLike) -> tuple[dict, dict]:

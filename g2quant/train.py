@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .evaluate import batchify, detach_hidden, lm_perplexity
 
 
@@ -63,6 +63,19 @@ def _record(kind: str, model, tcfg: TrainConfig, epoch: int, history: list, extr
     return rec
 
 
+def _best_on_disk(best: Path) -> float:
+    """The validation perplexity best.safetensors was saved with (inf when absent or unreadable)."""
+    if not best.exists():
+        return math.inf
+    try:
+        _, rec = load_checkpoint(best)
+        if "best_valid_ppl" in rec:
+            return float(rec["best_valid_ppl"])
+        return float(rec["history"][int(rec["epoch"])]["valid_ppl"])
+    except (CheckpointError, KeyError, TypeError, ValueError, IndexError):
+        return math.inf
+
+
 def train_lm(model: nn.Module, train_data, valid_data, tcfg: TrainConfig, out_dir: str | os.PathLike, *,
              resume: bool = False, progress: bool = True, kind: str = "word_lm",
              record_extra: dict | None = None, log=print) -> TrainResult:
@@ -84,14 +97,25 @@ def train_lm(model: nn.Module, train_data, valid_data, tcfg: TrainConfig, out_di
         if not last.exists():
             raise FileNotFoundError(f"--resume: no checkpoint at {last} (start without --resume)")
         state, rec = load_checkpoint(last)
-        model.load_state_dict(state)
-        start_epoch = rec["epoch"] + 1
-        result.history = rec.get("history", [])
-        result.best_valid_ppl = min([h["valid_ppl"] for h in result.history] or [math.inf])
+        try:
+            model.load_state_dict(state)
+            start_epoch = int(rec["epoch"]) + 1
+            result.history = list(rec.get("history", []))
+            result.best_valid_ppl = min([float(h["valid_ppl"]) for h in result.history] or [math.inf])
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(f"{last} cannot be resumed with this model and settings (another preset, "
+                                  f"data or a damaged checkpoint): {str(exc).splitlines()[0]}") from None
         log(f"resumed from {last}: {start_epoch} epoch(s) done")
         if start_epoch >= tcfg.epochs:
             log("nothing to do: all epochs are done")
             return result
+    kept = _best_on_disk(best)
+    if kept < result.best_valid_ppl:
+        # best.safetensors is better than anything this run has seen (a crash between the two
+        # writes, or a new run in the same folder): it is only replaced when beaten
+        result.best_valid_ppl = kept
+        if not resume:
+            log(f"{best} (valid ppl {kept:.2f}) is kept until this run beats it")
 
     streams = batchify(train_data, tcfg.batch_size)
     n_batches = (streams.size(0) - 1 + tcfg.bptt - 1) // tcfg.bptt
@@ -140,10 +164,13 @@ def train_lm(model: nn.Module, train_data, valid_data, tcfg: TrainConfig, out_di
         result.history.append(entry)
         log(f"epoch {epoch + 1:3d} | lr {lr:7.4f} | train ppl {train_ppl:8.2f} | valid ppl {valid['ppl']:8.2f} "
             f"| {entry['seconds']:.0f}s")
-        save_checkpoint(last, model, _record(kind, model, tcfg, epoch, result.history, extra))
+        # best first, then last: whatever a crash interrupts, best.safetensors holds the best model that
+        # any history records (resume reads its perplexity from the file itself)
+        rec = _record(kind, model, tcfg, epoch, result.history, extra)
         if valid["ppl"] < result.best_valid_ppl:
             result.best_valid_ppl = valid["ppl"]
-            save_checkpoint(best, model, _record(kind, model, tcfg, epoch, result.history, extra))
+            save_checkpoint(best, model, {**rec, "best_valid_ppl": valid["ppl"]})
+        save_checkpoint(last, model, rec)
         (out / "history.json").write_text(json.dumps(result.history, indent=1))
         if result.stopped_early:
             log(f"time budget of {tcfg.time_budget:.0f}s reached; stopped after {epoch + 1} epoch(s)")

@@ -8,11 +8,13 @@ Layout::
       weights.safetensors    all tensors (numpy arrays; no pickle anywhere)
       vocab.txt, ...         extra files (bytes), each listed with its sha256
 
-Writing goes to a hidden temporary sibling directory; every file is fsynced, then the
-directory is renamed into place, so a reader never sees a half-written artifact and a
-failure leaves nothing behind. Replacing an existing artifact renames the old one aside
-first and deletes it only after the new one is in place (if the final rename fails the old
-one is restored). Loading checks the format name and version, every checksum, and every
+Writing goes to a hidden temporary sibling directory (``.NAME.tmp-PID-*``); every file is
+fsynced, then the directory is renamed into place, so a reader never sees a half-written
+artifact and a failure leaves nothing behind. Replacing an existing artifact swaps the two
+directories atomically where Linux allows (``renameat2(RENAME_EXCHANGE)``); elsewhere the old one
+is renamed aside first (``.NAME.old-PID-*``) and deleted only after the new one is in place. What
+a killed writer leaves is cleaned up by the next write or load of the same name (a lost
+``NAME.g2q`` is restored from its ``.old-`` copy). Files get the user's umask like any other. Loading checks the format name and version, every checksum, and every
 tensor's dtype and shape, raising ``ArtifactError`` naming the file and the problem.
 """
 from __future__ import annotations
@@ -21,6 +23,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -38,8 +41,8 @@ _ST_DTYPES = {"U8": "uint8", "I8": "int8", "I16": "int16", "U16": "uint16", "I32
               "I64": "int64", "U64": "uint64", "F16": "float16", "F32": "float32", "F64": "float64",
               "BOOL": "bool"}
 
-__all__ = ["ArtifactError", "write_artifact", "load_artifact", "read_manifest", "FORMAT", "FORMAT_VERSION",
-           "MANIFEST", "WEIGHTS", "artifact_size"]
+__all__ = ["ArtifactError", "write_artifact", "load_artifact", "read_manifest", "clean_leftovers", "apply_umask",
+           "FORMAT", "FORMAT_VERSION", "MANIFEST", "WEIGHTS", "artifact_size"]
 
 
 class ArtifactError(ValueError):
@@ -163,31 +166,118 @@ def write_artifact(path, manifest: dict, tensors: dict[str, np.ndarray],
     text = json.dumps(man, indent=2, sort_keys=False, default=_json_default) + "\n"
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    clean_leftovers(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent))
     old = None
     try:
         for name, data in payload.items():
             _write_file(tmp / name, data)
         _write_file(tmp / MANIFEST, text.encode("utf-8"))      # last: marks completeness
+        apply_umask(tmp, directory=True)
+        for f in tmp.iterdir():
+            apply_umask(f)
         _fsync_dir(tmp)
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-            os.rmdir(old)
-            os.rename(path, old)
-        try:
-            os.rename(tmp, path)
-        except BaseException:
-            if old is not None:
-                os.rename(old, path)       # put the previous artifact back
-                old = None
-            raise
+        if path.exists() and _exchange(tmp, path):
+            old = tmp                      # the previous artifact now sits in tmp's place
+        else:
+            if path.exists():
+                old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-{os.getpid()}-", dir=path.parent))
+                os.rmdir(old)
+                os.rename(path, old)
+            try:
+                os.rename(tmp, path)
+            except BaseException:
+                if old is not None:
+                    os.rename(old, path)       # put the previous artifact back
+                    old = None
+                raise
         _fsync_dir(path.parent)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     return path
+
+
+def apply_umask(path: Path, *, directory: bool = False) -> None:
+    """Give a file made by ``mkstemp``/``mkdtemp`` (0600/0700) the user's usual permissions."""
+    mask = os.umask(0)
+    os.umask(mask)
+    try:
+        os.chmod(path, (0o777 if directory else 0o666) & ~mask)
+    except OSError:  # pragma: no cover - e.g. filesystems without permissions
+        pass
+
+
+_RENAME_EXCHANGE = 2
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two directories (Linux ``renameat2(RENAME_EXCHANGE)``); False where the
+    OS or the filesystem cannot, and the caller falls back to two renames."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    AT_FDCWD = -100
+    rc = fn(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
+    return rc == 0
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _leftovers(path: Path) -> list[tuple[Path, str, int]]:
+    """Hidden ``.NAME.tmp-PID-*`` / ``.NAME.old-PID-*`` siblings a killed writer left behind."""
+    out = []
+    prefix = f".{path.name}."
+    try:
+        entries = list(path.parent.iterdir())
+    except OSError:
+        return out
+    for e in entries:
+        name = e.name
+        if not name.startswith(prefix):
+            continue
+        rest = name[len(prefix):]
+        for kind in ("tmp", "old"):
+            if rest.startswith(kind + "-"):
+                pid = rest[len(kind) + 1:].split("-", 1)[0]
+                if pid.isdigit() and not _pid_alive(int(pid)):
+                    out.append((e, kind, int(pid)))
+    return out
+
+
+def clean_leftovers(path) -> list[str]:
+    """Recover or remove what a writer killed mid-write left next to ``path``.
+
+    If ``path`` is missing and a complete previous version survives (an ``.old-`` folder with
+    its manifest, from a kill between the two renames of an overwrite) it is put back; every
+    other leftover of a dead writer is deleted. Leftovers of live writers are not touched.
+    Returns what was done, one line per folder."""
+    path = Path(path)
+    done = []
+    for e, kind, _pid in sorted(_leftovers(path), key=lambda t: t[1] != "old"):
+        if kind == "old" and not path.exists() and (e / MANIFEST).is_file():
+            os.rename(e, path)
+            done.append(f"restored {path} from {e.name}")
+        else:
+            shutil.rmtree(e, ignore_errors=True)
+            done.append(f"removed {e.name}")
+    return done
 
 
 def _fail(msg: str):
@@ -212,6 +302,8 @@ def read_manifest(path) -> dict:
 
 
 def _read_manifest(path: Path) -> dict:
+    if not path.exists() and not path.is_symlink():
+        clean_leftovers(path)                 # an overwrite killed between its two renames
     if not path.exists():
         _fail(f"{path}: artifact not found")
     if not path.is_dir():

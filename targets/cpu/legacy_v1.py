@@ -132,7 +132,7 @@ def _read_matrix(man: dict, tensors: dict, name: str) -> QMatrix:
         scheme, bits = entry["scheme"], int(entry["bits"])
         shape = tuple(int(s) for s in entry["logical_shape"])
         scale = tensors[entry["scale"]]
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:
         raise ArtifactError(f"manifest.json: tensor entry {key!r} is incomplete ({exc!r})") from exc
     data = tensors[key]
     try:
@@ -158,8 +158,15 @@ def _read_matrix(man: dict, tensors: dict, name: str) -> QMatrix:
 
 def read_v1(path):
     """``(graph, vocab, manifest)`` of a format-1 artifact."""
+    from ..graph import GraphError
+    from ..graphio import check_finite
+
     w, vocab, man = read_lm_artifact(path)
     graph = w.to_graph()
+    try:
+        check_finite(graph)
+    except GraphError as exc:
+        raise ArtifactError(f"weights.safetensors: {exc}") from None
     return graph, vocab, man
 
 
@@ -183,8 +190,9 @@ def read_lm_artifact(path) -> tuple[QuantLMWeights, list[str], dict]:
         hard = tuple(man.get("gates", {}).get("hard", ()))
         aq = man.get("activation_quant")
         act_bits = None if aq is None else int(aq["bits"])
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, OverflowError, AttributeError) as exc:
         raise ArtifactError(f"manifest.json: incomplete model description ({exc!r})") from exc
+    _need(0 < L <= 64, f"manifest.json: model.num_layers {L} is out of range")
     _need(set(hard) <= set(GATE_NAMES), f"manifest.json: unknown hard gates {sorted(set(hard) - set(GATE_NAMES))}")
     layers = []
     for l in range(L):
