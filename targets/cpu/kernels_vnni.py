@@ -400,30 +400,74 @@ def _reduce(b: ir.IRBuilder, vecs: list, width: int | None = None):
     return vecs[0], width
 
 
+def _repeat(b: ir.IRBuilder, count: int, body) -> None:
+    """Emit ``for k in range(count): body(b, k)`` as a run-time loop (``body`` may emit loops
+    itself), so the IR holds one copy of the body; the builder ends after the loop."""
+    fn, pre = b.function, b.block
+    head, done = fn.append_basic_block("rep"), fn.append_basic_block("rep_done")
+    b.branch(head)
+    b.position_at_end(head)
+    k = b.phi(I64, "k")
+    k.add_incoming(_const(I64, 0), pre)
+    body(b, k)
+    k_next = b.add(k, _const(I64, 1))
+    k.add_incoming(k_next, b.block)
+    b.cbranch(b.icmp_signed("<", k_next, _const(I64, count)), head, done)
+    b.position_at_end(done)
+
+
+def _slot(b: ir.IRBuilder, slots, index):
+    """Address of element ``index`` (an i64 value or an int) of a stack array of vectors."""
+    index = _const(I64, index) if isinstance(index, int) else index
+    return b.gep(slots, [_const(I64, 0), index])
+
+
 def _panel_sums(b: ir.IRBuilder, w, x, nchunks, bw: int, loop: _Loop):
-    """16 int32 sums (one per row) of the 4 consecutive tiles at ``w`` against ``x``."""
+    """16 int32 sums (one per row) of the 4 consecutive tiles at ``w`` against ``x``: one tile
+    loop run for each tile, its 4 row sums folded into one vector kept on the stack."""
     tile_bytes = b.mul(nchunks, _const(I64, TILE_ROWS * CHUNK_BYTES))
-    parts = []
-    for t in range(PANEL_TILES):
-        wt = b.gep(w, [b.mul(tile_bytes, _const(I64, t))], source_etype=I8)
+    slots = cgutils.alloca_once(b, ir.ArrayType(loop.acc_type, PANEL_TILES))
+    width = []
+
+    def tile(b, t):
+        wt = b.gep(w, [b.mul(tile_bytes, t)], source_etype=I8)
         sums = _emit_tile_loop(b, wt, x, None, nchunks, bw, loop, nvec=1)
-        parts.append(_reduce(b, [row[0] for row in sums]))
-    return _reduce(b, [v for v, _ in parts], parts[0][1])[0]
+        part, part_width = _reduce(b, [row[0] for row in sums])
+        width.append(part_width)
+        b.store(part, _slot(b, slots, t))
+
+    _repeat(b, PANEL_TILES, tile)
+    parts = [b.load(_slot(b, slots, t), typ=loop.acc_type) for t in range(PANEL_TILES)]
+    return _reduce(b, parts, width[0])[0]
 
 
 def _batch_sums(b: ir.IRBuilder, w, x, x_stride, nchunks, nvec, bw: int, loop: _Loop):
     """16 int32 sums (lane ``4r + v``) of one tile against 4 vectors, in passes of
-    ``loop.batch_group`` vectors (a pass whose vectors are all beyond ``nvec`` is skipped)."""
-    sums = [[] for _ in range(TILE_ROWS)]
+    ``loop.batch_group`` vectors (a pass whose vectors are all beyond ``nvec`` is skipped; one
+    copy of the pass in the IR, its sums kept on the stack)."""
     group = loop.batch_group
-    for v0 in range(0, BATCH_VECS, group):
-        n_iter = b.lshr(nchunks, _const(I64, chunks_per_iter(bw) - 1))
-        if v0:
-            n_iter = b.select(b.icmp_signed(">", nvec, _const(I64, v0)), n_iter, _const(I64, 0))
-        part = _emit_tile_loop(b, w, x, x_stride, nchunks, bw, loop, nvec=group, x_off=v0, n_iter=n_iter)
+    passes = BATCH_VECS // group
+    n_all = b.lshr(nchunks, _const(I64, chunks_per_iter(bw) - 1))
+    if passes == 1:
+        sums = _emit_tile_loop(b, w, x, x_stride, nchunks, bw, loop, nvec=group, n_iter=n_all)
+        return _reduce(b, [s for row in sums for s in row])[0]
+    per_pass = TILE_ROWS * group
+    slots = cgutils.alloca_once(b, ir.ArrayType(loop.acc_type, passes * per_pass))
+
+    def one_pass(b, p):
+        v0 = b.mul(p, _const(I64, group))
+        n_iter = b.select(b.icmp_signed(">", nvec, v0), n_all, _const(I64, 0))
+        xp = b.gep(x, [b.mul(x_stride, v0)], source_etype=I8)
+        part = _emit_tile_loop(b, w, xp, x_stride, nchunks, bw, loop, nvec=group, n_iter=n_iter)
+        base = b.mul(p, _const(I64, per_pass))
         for r in range(TILE_ROWS):
-            sums[r] += part[r]
-    return _reduce(b, [s for row in sums for s in row])[0]
+            for v in range(group):
+                b.store(part[r][v], _slot(b, slots, b.add(base, _const(I64, r * group + v))))
+
+    _repeat(b, passes, one_pass)
+    sums = [b.load(_slot(b, slots, (v // group) * per_pass + r * group + v % group), typ=loop.acc_type)
+            for r in range(TILE_ROWS) for v in range(BATCH_VECS)]
+    return _reduce(b, sums)[0]
 
 
 def _store_rows(b: ir.IRBuilder, y, out, bias, nvalid, flags):
