@@ -26,8 +26,9 @@ from .targets.base import UnsupportedGraph, get_target
 # range: integer sums are exact on both sides, only the float rounding of scales, products and
 # nonlinearities differs (and, rarely, an activation rounding tie flips by one step).
 AGREEMENT_RTOL = 2e-3
-# mean |Δ| / mean |y| above which hard gates are reported as changing the model's output
-HARD_GATE_WARN = 0.10
+# mean |Δ| / mean |y| above which hard gates are reported as changing the output (measured: 0.106 for the
+# PTB-small G2 model, +7 % ppl with hard i/f gates; 0.20 for the 60 s demo model, +25 %)
+HARD_GATE_WARN = 0.15
 
 __all__ = ["ExportError", "export_model", "AGREEMENT_RTOL", "HARD_GATE_WARN", "hard_gate_change"]
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import g2quant
-from g2quant.export import AGREEMENT_RTOL, ExportError
+from g2quant.export import AGREEMENT_RTOL, HARD_GATE_WARN, ExportError
 from g2quant.lower import example_input
 from g2quant.nn.g2lstm import G2LSTM
 from g2quant.targets.cpu.engine import Engine
@@ -321,7 +321,7 @@ def test_hard_gates_on_untrained_gates_warn_with_the_measured_change(tmp_path):
     with pytest.warns(UserWarning, match=r"hard gates change the model's output by \d+%"):
         p = q.export(tmp_path / "h.g2q")
     change = json.loads((p / "manifest.json").read_text())["validation"]["hard_gate_output_change"]
-    assert change > 0.1
+    assert change > HARD_GATE_WARN
 
 
 # ---- per-layer widths ------------------------------------------------------------------------
