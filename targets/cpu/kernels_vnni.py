@@ -66,7 +66,6 @@ S16_MAX = 2 ** 15 - 1
 ACT_QMAX = 127
 
 I1, I8, I16, I32, I64 = ir.IntType(1), ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
-V64I8 = ir.VectorType(I8, 64)
 V16I32 = ir.VectorType(I32, 16)
 PTR = ir.PointerType()
 
@@ -302,10 +301,9 @@ def loop_impl(loop) -> _Loop:
     return _LOOP_IMPLS[isa.loop_name(loop) if isinstance(loop, int) else isa.canonical(loop)]
 
 
-def _emit_tile_loop(b: ir.IRBuilder, w, x, x_stride, nchunks, bw: int, loop: _Loop, nvec: int, x_off: int = 0,
-                    n_iter=None):
+def _emit_tile_loop(b: ir.IRBuilder, w, x, x_stride, nchunks, bw: int, loop: _Loop, nvec: int, n_iter=None):
     """Emit the chunk loop of one tile (4 rows) against ``nvec`` activation vectors spaced
-    ``x_stride`` bytes apart (starting at vector ``x_off``); returns ``sums[r][v]`` (partial
+    ``x_stride`` bytes apart; returns ``sums[r][v]`` (partial
     sums, ``loop.acc_type``) with the builder positioned after the loop. ``n_iter`` overrides
     the iteration count (0 skips the loop; the sums are then zero). Each 64-byte chunk is
     handled in parts of ``loop.vector_bytes``: per part the x planes are loaded once, then each
@@ -331,7 +329,7 @@ def _emit_tile_loop(b: ir.IRBuilder, w, x, x_stride, nchunks, bw: int, loop: _Lo
     for line in range(cpi * TILE_ROWS):
         b.call(prefetch, [b.gep(w_it, [_const(I64, PREFETCH_BYTES + line * CHUNK_BYTES)], source_etype=I8),
                           _const(I32, 0), _const(I32, 3), _const(I32, 1)])
-    x_vecs = [x_it if v + x_off == 0 else b.gep(x_it, [b.mul(x_stride, _const(I64, v + x_off))], source_etype=I8)
+    x_vecs = [x_it if v == 0 else b.gep(x_it, [b.mul(x_stride, _const(I64, v))], source_etype=I8)
               for v in range(nvec)]
     mask = _vec_const(vty, (1 << bw) - 1)
 
