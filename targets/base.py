@@ -16,7 +16,7 @@ from typing import Callable
 from .artifact import ArtifactError, read_manifest
 
 # built-in targets: name -> module that registers it when imported
-BUILTIN = {"cpu": "g2quant.targets.cpu.target"}
+BUILTIN = {"cpu": "g2quant.targets.cpu.target", "onnx": "g2quant.targets.onnx.target"}
 
 
 @dataclass(frozen=True)

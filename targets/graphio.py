@@ -126,9 +126,12 @@ def _graph_from_json(man: dict, codec: MatrixCodec) -> tuple[Graph, dict[str, tu
                 raise ArtifactError(f"manifest.json: params.{name}: {exc}") from None
             _need(list(shp) == shape, f"params.{name}: shape {shape} does not match its encoding {list(shp)}")
         elif kind == "array":
-            tname = entry.get("tensor")
-            _need(isinstance(tname, str), f"params.{name}.tensor must name a tensor")
-            tens = {tname: ("float32", tuple(shape))}
+            if getattr(codec, "arrays_in_tensors", True):
+                tname = entry.get("tensor")
+                _need(isinstance(tname, str), f"params.{name}.tensor must name a tensor")
+                tens = {tname: ("float32", tuple(shape))}
+            else:
+                tens = {}
         else:
             raise ArtifactError(f"manifest.json: params.{name}.kind must be 'qmatrix' or 'array', got {kind!r}")
         for tname, spec in tens.items():
