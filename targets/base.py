@@ -16,7 +16,8 @@ from typing import Callable
 from .artifact import ArtifactError, read_manifest
 
 # built-in targets: name -> module that registers it when imported
-BUILTIN = {"cpu": "g2quant.targets.cpu.target", "onnx": "g2quant.targets.onnx.target"}
+BUILTIN = {"cpu": "g2quant.targets.cpu.target", "onnx": "g2quant.targets.onnx.target",
+           "gpu-fp16": "g2quant.targets.gpu_fp16.target"}
 
 
 @dataclass(frozen=True)
