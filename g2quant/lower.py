@@ -23,7 +23,7 @@ input (``g2quant.export``), which catches wiring that depends on data.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np

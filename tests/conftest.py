@@ -1,7 +1,13 @@
 import os
-from pathlib import Path
 
-import pytest
+# the gpu-fp16 kernels are tested in Triton's interpreter on CPU tensors unless G2QUANT_TEST_CUDA=1
+# (set before anything imports triton: it reads the variable once)
+if os.environ.get("G2QUANT_TEST_CUDA") != "1":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
 
 DATA = os.environ.get("G2QUANT_DATA")
 

@@ -8,7 +8,7 @@ import copy
 import os
 import warnings
 
-os.environ.setdefault("TRITON_INTERPRET", "1")        # before triton is imported anywhere in this process
+# TRITON_INTERPRET=1 is set by conftest.py (before triton is first imported) unless G2QUANT_TEST_CUDA=1
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

@@ -39,6 +39,11 @@ def test_onnx_artifact_equals_torch(cls, tmp_path):
     _close(got, y)
     man = json.loads((p / "manifest.json").read_text())
     assert man["onnx"]["model"] == "model.onnx" and (man["onnx"]["step"] is not None) == rt.streamable
+    import onnx
+    for f in ("model.onnx", "step.onnx") if rt.streamable else ("model.onnx",):
+        m = onnx.load(str(p / f))
+        onnx.checker.check_model(m)
+        assert len(m.graph.node) >= 3 * len(rt.graph.nodes)        # never an empty or trivial graph
     if rt.streamable:                                  # step.onnx, one step at a time, equals model.onnx
         xs = x.numpy() if not rt.batch_first else x.numpy().swapaxes(0, 1)
         st = rt.initial_state(xs.shape[1])

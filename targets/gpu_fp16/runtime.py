@@ -14,6 +14,7 @@ import torch
 
 from ..ops import lstm_dims, lstm_param_names
 from ..qweights import QMatrix
+from ..lm import LMMixin
 from ..runtime import Runtime, State
 from . import kernels as K
 from .target import storage_width
@@ -34,7 +35,7 @@ def _linear_t(w, x2: torch.Tensor, bias):
     return y if bias is None else y + bias
 
 
-class GpuRuntime(Runtime):
+class GpuRuntime(LMMixin, Runtime):
     backend = "triton"
 
     def __init__(self, graph, vocab=None, manifest=None, *, path=None, device: str = "cuda", cuda_graphs: bool = True):

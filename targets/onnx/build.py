@@ -61,10 +61,11 @@ class _Builder:
         if key in self._consts:
             return self._consts[key]
         if m.scheme == "float":
-            name = self.const(m.q)
+            name = "w." + pname
+            self.inits.append(numpy_helper.from_array(np.ascontiguousarray(m.q, np.float32), name))
         else:
             wide = m.bits > 4 and m.scheme == "int"
-            qn = self.fresh(pname.replace(".", "_") + "_q")
+            qn = "w." + pname + ".q"                     # stable names: step.onnx and model.onnx share them
             if wide:
                 self.inits.append(numpy_helper.from_array(np.ascontiguousarray(m.q, np.int8), qn))
             else:
@@ -73,7 +74,8 @@ class _Builder:
                     u = np.concatenate([u, np.zeros(1, np.uint8)])
                 raw = (u[0::2] | (u[1::2] << 4)).tobytes()                        # low nibble first (ONNX INT4)
                 self.inits.append(self.h.make_tensor(qn, TensorProto.INT4, m.q.shape, raw, raw=True))
-            sn = self.const(m.scale)
+            sn = "w." + pname + ".scale"
+            self.inits.append(numpy_helper.from_array(np.asarray(m.scale, np.float32), sn))
             name = self.op("DequantizeLinear", [qn, sn], axis=0)
         self._consts[key] = name
         return name
@@ -232,6 +234,29 @@ def build_model(graph: Graph, *, streaming: bool = False):
     model.ir_version = 10
     checker.check_model(model)
     return model
+
+
+def externalize(models: list, location: str, min_bytes: int = 1024) -> bytes:
+    """Move every initializer of at least ``min_bytes`` of the given models into one blob (returned)
+    referenced as ONNX external data at ``location``; initializers with the same name share it."""
+    from onnx import TensorProto
+    blob, where = bytearray(), {}
+    for model in models:
+        for t in model.graph.initializer:
+            if len(t.raw_data) < min_bytes:
+                continue
+            if t.name not in where:
+                pad = (-len(blob)) % 64
+                blob += b"\0" * pad
+                where[t.name] = (len(blob), len(t.raw_data))
+                blob += t.raw_data
+            off, n = where[t.name]
+            t.ClearField("raw_data")
+            t.data_location = TensorProto.EXTERNAL
+            for k, v in (("location", location), ("offset", str(off)), ("length", str(n))):
+                e = t.external_data.add()
+                e.key, e.value = k, v
+    return bytes(blob)
 
 
 SUPPORTED_OPS = ("embedding", "linear", "activation", "select_step", "state_select", "concat", "lstm")

@@ -17,10 +17,11 @@ from ..base import Target, UnsupportedGraph, register_target
 from ..graph import Graph, GraphError, validate
 from ..graphio import VOCAB_FILE, _graph_from_json, check_finite, check_vocab, parse_vocab
 from ..qweights import QMatrix
+from ..lm import LMMixin
 from ..runtime import Runtime, State
 
 NAME = "onnx"
-MODEL, STEP = "model.onnx", "step.onnx"
+MODEL, STEP, DATA = "model.onnx", "step.onnx", "weights.onnx.bin"
 
 
 def _width(m: QMatrix) -> int:
@@ -54,12 +55,14 @@ def write(graph: Graph, path, *, vocab=None, validation: dict | None = None, met
         import onnx  # noqa: F401
     except ImportError:
         raise UnsupportedGraph("the onnx target needs the onnx package to export: pip install g2quant[onnx]") from None
-    from .build import OPSET, build_model
+    from .build import OPSET, build_model, externalize
     check(graph)
     check_finite(graph)
-    files = {MODEL: build_model(graph).SerializeToString()}
+    models = {MODEL: build_model(graph)}
     if graph.streamable:
-        files[STEP] = build_model(graph, streaming=True).SerializeToString()
+        models[STEP] = build_model(graph, streaming=True)
+    files = {DATA: externalize(list(models.values()), DATA)}        # one copy of the weights for both
+    files.update({k: m.SerializeToString() for k, m in models.items()})
     if vocab is not None:
         vocab = check_vocab(vocab)
         if graph.input["kind"] != "tokens" or len(vocab) != graph.input["size"]:
@@ -68,7 +71,7 @@ def write(graph: Graph, path, *, vocab=None, validation: dict | None = None, met
     params = {name: {"kind": "qmatrix" if isinstance(p, QMatrix) else "array", "shape": list(np.shape(p.q)
               if isinstance(p, QMatrix) else np.shape(p))} for name, p in graph.params.items()}
     manifest = {"target": NAME, "graph": graph.to_json(), "params": params,
-                "onnx": {"model": MODEL, "step": STEP if STEP in files else None, "opset": OPSET},
+                "onnx": {"model": MODEL, "step": STEP if STEP in files else None, "data": DATA, "opset": OPSET},
                 "vocab": VOCAB_FILE if vocab is not None else None, "validation": dict(validation or {}),
                 "meta": {**graph.meta, **(meta or {})}}
     return write_artifact(path, manifest, {}, files)
@@ -83,12 +86,12 @@ class _ShapeCodec:
         return tuple(entry["shape"]), {}
 
 
-class OnnxRuntime(Runtime):
+class OnnxRuntime(LMMixin, Runtime):
     """``run`` / ``step`` of an onnx artifact through onnxruntime (same API as the CPU engine)."""
 
     backend = "onnxruntime"
 
-    def __init__(self, graph: Graph, files: dict, manifest: dict, *, vocab=None, path=None, threads: int | None = None):
+    def __init__(self, graph: Graph, manifest: dict, *, path, vocab=None, threads: int | None = None):
         super().__init__(graph)
         try:
             import onnxruntime as ort
@@ -100,9 +103,10 @@ class OnnxRuntime(Runtime):
         so.inter_op_num_threads = 1
         prov = ["CPUExecutionProvider"]
         info = manifest.get("onnx") or {}
-        self.session = ort.InferenceSession(files[info.get("model", MODEL)], so, providers=prov)
+        root = Path(path)                             # the models read their weights from DATA beside them
+        self.session = ort.InferenceSession(str(root / info.get("model", MODEL)), so, providers=prov)
         step = info.get("step")
-        self.step_session = ort.InferenceSession(files[step], so, providers=prov) if step else None
+        self.step_session = ort.InferenceSession(str(root / step), so, providers=prov) if step else None
         self.vocab, self.manifest, self.path = vocab, manifest, None if path is None else Path(path)
         self.loop = "onnxruntime"
         self._names = [n.name for n in self.recurrent]
@@ -142,7 +146,7 @@ def read(path):
 
 def load(path, *, threads: int | None = None, **_ignored) -> OnnxRuntime:
     graph, vocab, man, files = read(path)
-    return OnnxRuntime(graph, files, man, vocab=vocab, path=path, threads=threads)
+    return OnnxRuntime(graph, man, vocab=vocab, path=path, threads=threads)
 
 
 register_target(Target(name=NAME, description="ONNX models (INT4/INT8 weights, per-vector A8 fake quantization) "
