@@ -90,3 +90,19 @@ def test_cuda_requested_without_a_device_is_a_clear_error():
     q = g2quant.quantize(_model(SHAPES[0]), bits=4)
     with pytest.raises(RuntimeError, match="no CUDA device"):
         GpuRuntime(lower(q)[0], device="cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
+                    reason="the CUDA-graph runner needs a CUDA device (run with G2QUANT_TEST_CUDA=1 on a GPU machine)")
+def test_cuda_graph_streaming_equals_launched_kernels(tmp_path):
+    q = g2quant.quantize(_model(SHAPES[3]), bits=4, hard_gates="if")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        p = q.export(tmp_path / "m.g2q", target="gpu-fp16")
+    graphed, plain = g2quant.load(p, device="cuda"), g2quant.load(p, device="cuda", cuda_graphs=False)
+    xs = np.random.default_rng(0).integers(0, 50, (12, 2))
+    s1, s2 = graphed.initial_state(2), plain.initial_state(2)
+    for t in range(xs.shape[0]):
+        y1, s1 = graphed.step(xs[t], s1)
+        y2, s2 = plain.step(xs[t], s2)
+        _close(y1, y2, 1e-5)
