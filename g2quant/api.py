@@ -297,12 +297,13 @@ class QuantizedModel(nn.Module):
         return lm_perplexity(self, data, batch_size=batch_size, bptt=bptt, progress=progress)
 
     def export(self, path, target: str = "cpu", *, vocab: Iterable[str] | None = None,
-               validation: dict | None = None, check: bool = True, example_input=None):
+               validation: dict | None = None, check: bool = True, example_input=None, **target_options):
         """Write a deployable artifact directory (``NAME.g2q``) for ``target``; see ``g2quant.export``.
-        ``example_input``: an input of ``forward`` used to capture the wiring (default: guessed)."""
+        ``example_input``: an input of ``forward`` used to capture the wiring (default: guessed);
+        other keywords go to the target's writer (e.g. ``weights="nbits"`` for onnx)."""
         from .export import export_model
         return export_model(self, path, target=target, vocab=vocab, validation=validation, check=check,
-                            example_input=example_input)
+                            example_input=example_input, target_options=target_options)
 
 
 def quantize(model: nn.Module, bits: Bits | Mapping = 4, *, calib=None, method: str = "ptq",

@@ -218,7 +218,8 @@ def cmd_export(args) -> int:
         if not isinstance(model, QuantizedModel):
             validation["test_ppl_float"] = lm_perplexity(model, corpus.test)["ppl"]
     try:
-        path = q.export(args.out, target=args.target, vocab=corpus.vocab, validation=validation)
+        opts = {"weights": args.onnx_weights} if args.target == "onnx" else {}
+        path = q.export(args.out, target=args.target, vocab=corpus.vocab, validation=validation, **opts)
     except ExportError as exc:
         raise CLIError(str(exc)) from None
     print(f"wrote {path}: {q.size_bytes(target=args.target) / 1e6:.2f} MB deployable "
@@ -438,6 +439,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--bits", type=_bits_arg, default=4, help="weight width for a float checkpoint")
     x.add_argument("--hard-gates", type=_gates_arg, default="", help="gates deployed as 1[a>0], e.g. 'if'")
     x.add_argument("--target", choices=available_targets(), default="cpu", help="deployment target")
+    x.add_argument("--onnx-weights", choices=["dq", "nbits"], default="dq",
+                   help="onnx target: DequantizeLinear + MatMul, or com.microsoft.MatMulNBits (onnxruntime only)")
     x.add_argument("--out", required=True, help="artifact directory, e.g. model.g2q")
     x.add_argument("--no-validate", action="store_true", help="skip the test-set perplexity figures")
     data(x, default=None)

@@ -64,15 +64,17 @@ def hard_gate_change(model, x: torch.Tensor, y_hard: torch.Tensor) -> float | No
 
 
 def export_model(qmodel, path, *, target: str = "cpu", vocab: Iterable[str] | None = None,
-                 validation: dict | None = None, check: bool = True, example_input=None):
+                 validation: dict | None = None, check: bool = True, example_input=None,
+                 target_options: dict | None = None):
     """Write ``qmodel`` as an artifact directory at ``path`` (atomic); returns its Path.
 
     ``example_input``: an input the model's ``forward`` takes (default: guessed, see
     ``g2quant.lower.example_input``). ``vocab`` (optional) is stored for token-id models.
+    ``target_options``: passed to the target's writer (e.g. ``{"weights": "nbits"}`` for onnx).
     """
     try:
         tgt = get_target(target)
-    except ValueError as exc:
+    except (ValueError, TypeError) as exc:
         raise ExportError(str(exc)) from None
     graph, x, y_torch = lower(qmodel, example_input)
     try:
@@ -103,6 +105,7 @@ def export_model(qmodel, path, *, target: str = "cpu", vocab: Iterable[str] | No
     if hasattr(qmodel, "size_bytes"):
         meta = {"size_bytes": qmodel.size_bytes(target=target), "float_size_bytes": qmodel.float_size_bytes()}
     try:
-        return tgt.write(graph, path, vocab=None if vocab is None else list(vocab), validation=val, meta=meta)
-    except ValueError as exc:
+        return tgt.write(graph, path, vocab=None if vocab is None else list(vocab), validation=val, meta=meta,
+                         **(target_options or {}))
+    except (ValueError, TypeError) as exc:
         raise ExportError(str(exc)) from None

@@ -87,3 +87,17 @@ def test_eight_bit_layers_use_int8(tmp_path):
     p = q.export(tmp_path / "f.g2q", target="onnx")
     types = [i.data_type for i in onnx.load(str(p / "model.onnx")).graph.initializer if len(i.dims) == 2]
     assert TensorProto.INT8 in types and TensorProto.INT4 in types
+
+
+@pytest.mark.parametrize("bits", [4, 2, "ternary", "binary"])
+def test_matmulnbits_weights_equal_torch(bits, tmp_path):
+    """``weights="nbits"``: com.microsoft.MatMulNBits with exactly dequantized weights."""
+    import onnx
+    q = g2quant.quantize(_model(SHAPES[3]), bits=bits)                # the flattened-output LM
+    p = q.export(tmp_path / "n.g2q", target="onnx", weights="nbits")
+    ops = {n.op_type for n in onnx.load(str(p / "model.onnx")).graph.node}
+    assert "MatMulNBits" in ops
+    x = torch.randint(0, 50, (7, 3))
+    _close(g2quant.load(p).run(x.numpy())[0], q(x)[0].detach().numpy())
+    with pytest.raises(Exception, match="weights must be one of"):
+        q.export(tmp_path / "bad.g2q", target="onnx", weights="int3")

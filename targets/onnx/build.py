@@ -24,14 +24,16 @@ from ..ops import lstm_dims, lstm_param_names
 from ..qweights import QMatrix
 
 OPSET = 21
+NBITS_BLOCK = 32                    # MatMulNBits block size along K (a scale per block; ours repeat per row)
+WEIGHT_MODES = ("dq", "nbits")
 
 
 class _Builder:
     """Collects nodes, initializers and value names of one ONNX graph."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, mode: str = "dq"):
         from onnx import helper
-        self.h, self.name = helper, name
+        self.h, self.name, self.mode = helper, name, mode
         self.nodes, self.inits, self.count = [], [], 0
         self._consts: dict = {}
 
@@ -95,10 +97,48 @@ class _Builder:
             self._consts[key] = self.op("Transpose", [self.matrix(m, pname)], perm=[1, 0])
         return self._consts[key]
 
-    def product(self, x: str, w_t: str, act_bits) -> str:
-        """``A8(x) @ W^T`` (or float ``x @ W^T``) for ``x [..., K]`` and ``w_t = W^T [K, R]``."""
+    def weight(self, m: QMatrix, pname: str) -> tuple:
+        """How products with ``m`` are computed: ``("dq", W^T)`` (DequantizeLinear + MatMul) or, in
+        ``nbits`` mode for widths <= 4, ``("nbits", blob, scales, K, N, bits)`` for
+        ``com.microsoft.MatMulNBits`` (per-row scales repeated per block, zero point 2^(bits-1),
+        ``accuracy_level=0``: float products of exactly dequantized weights)."""
+        key = ("W", pname)
+        if key in self._consts:
+            return self._consts[key]
+        if self.mode != "nbits" or m.scheme == "float" or (m.scheme == "int" and m.bits > 4):
+            handle = ("dq", self.transposed(m, pname))
+        else:
+            from onnx import numpy_helper
+            bits = 2 if (m.scheme != "binary" and m.bits <= 2) else 4
+            R, K = m.shape
+            bs = NBITS_BLOCK
+            nb = -(-K // bs)
+            zp = 1 << (bits - 1)
+            u = np.full((R, nb * bs), zp, np.uint8)
+            u[:, :K] = (m.q.astype(np.int16) + zp).astype(np.uint8)
+            per = 8 // bits
+            u = u.reshape(R, nb, bs // per, per).astype(np.uint16)
+            blob = np.zeros(u.shape[:3], np.uint16)
+            for j in range(per):
+                blob |= u[..., j] << (j * bits)
+            bn, sn = "w." + pname + ".nbits", "w." + pname + ".nbits_scale"
+            self.inits.append(numpy_helper.from_array(blob.astype(np.uint8), bn))
+            self.inits.append(numpy_helper.from_array(np.repeat(np.asarray(m.scale, np.float32), nb), sn))
+            handle = ("nbits", bn, sn, K, R, bits)
+        self._consts[key] = handle
+        return handle
+
+    def product(self, x: str, w, act_bits) -> str:
+        """``A8(x) @ W^T`` (or float ``x @ W^T``) for ``x [..., K]`` and a ``weight()`` handle."""
         xin = self.fake_quant(x) if act_bits == 8 else x
-        return self.op("MatMul", [xin, w_t])
+        if w[0] == "dq":
+            return self.op("MatMul", [xin, w[1]])
+        _, bn, sn, K, N, bits = w
+        out = self.fresh("matmulnbits")
+        self.nodes.append(self.h.make_node("MatMulNBits", [xin, bn, sn], [out], name=self.fresh("n"),
+                                           domain="com.microsoft", K=K, N=N, bits=bits, block_size=NBITS_BLOCK,
+                                           accuracy_level=0))
+        return out
 
 
 def _gate(b: _Builder, z: str, hard: bool) -> str:
@@ -121,7 +161,7 @@ def _scan_layer(b: _Builder, zx: str, h0: str, c0: str, w_hh_t: str, bias: str, 
     """A Scan over time of one layer-direction: returns (out [T, B, H], h_T, c_T). The body reads
     the dequantized ``W_hh^T`` and the bias from the outer graph (computed once, not per step)."""
     from onnx import TensorProto
-    body = _Builder(b.fresh("lstm_body"))
+    body = _Builder(b.fresh("lstm_body"), b.mode)
     body.count = b.count + 100000                    # distinct names inside the body
     tag = b.fresh("s")
     h_in, c_in, zx_in = f"{tag}_h", f"{tag}_c", f"{tag}_zx"
@@ -151,8 +191,8 @@ def _lstm(b: _Builder, graph: Graph, node, x: str, state_in: tuple[str, str], st
         for d in range(D):
             k = layer * D + d
             ih, hh, br = roles[k]
-            zx = b.op("MatMul", [xin, b.transposed(graph.param(node, ih), node.params[ih])])
-            w_hh_t = b.transposed(graph.param(node, hh), node.params[hh])
+            zx = b.product(xin, b.weight(graph.param(node, ih), node.params[ih]), None)
+            w_hh_t = b.weight(graph.param(node, hh), node.params[hh])
             idx = b.const([k], np.int64)
             h0 = b.op("Squeeze", [b.op("Gather", [h_all, idx], axis=0), b.const([0], np.int64)])
             c0 = b.op("Squeeze", [b.op("Gather", [c_all, idx], axis=0), b.const([0], np.int64)])
@@ -172,11 +212,14 @@ def _lstm(b: _Builder, graph: Graph, node, x: str, state_in: tuple[str, str], st
     return x, (h_n, c_n)
 
 
-def build_model(graph: Graph, *, streaming: bool = False):
-    """The ONNX ``ModelProto`` of ``graph`` (one step when ``streaming``)."""
+def build_model(graph: Graph, *, streaming: bool = False, weights: str = "dq"):
+    """The ONNX ``ModelProto`` of ``graph`` (one step when ``streaming``); ``weights`` = "dq"
+    (DequantizeLinear + MatMul) or "nbits" (``com.microsoft.MatMulNBits`` for widths <= 4)."""
     from onnx import TensorProto, checker, helper
 
-    b = _Builder("g2quant_step" if streaming else "g2quant_model")
+    if weights not in WEIGHT_MODES:
+        raise ValueError(f"weights must be one of {WEIGHT_MODES}, got {weights!r}")
+    b = _Builder("g2quant_step" if streaming else "g2quant_model", weights)
     tokens = graph.input["kind"] == "tokens"
     vi = helper.make_tensor_value_info
     T = 1 if streaming else "T"
@@ -191,7 +234,7 @@ def build_model(graph: Graph, *, streaming: bool = False):
             table = b.matrix(graph.param(node, "weight"), node.params["weight"])
             env[node.name] = b.op("Gather", [table, ins[0]], axis=0)
         elif op == "linear":
-            y = b.product(ins[0], b.transposed(graph.param(node, "weight"), node.params["weight"]),
+            y = b.product(ins[0], b.weight(graph.param(node, "weight"), node.params["weight"]),
                           node.attrs.get("act_bits"))
             if "bias" in node.params:
                 y = b.op("Add", [y, b.const(graph.param(node, "bias"))])
@@ -230,7 +273,8 @@ def build_model(graph: Graph, *, streaming: bool = False):
     y_shape = [T, "B", info.features] if info.kind == "seq" else ["B", info.features]
     g = helper.make_graph(b.nodes, b.name, inputs, [vi("y", TensorProto.FLOAT, y_shape)] + state_outputs,
                           initializer=b.inits)
-    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="g2quant")
+    opsets = [helper.make_opsetid("", OPSET)] + ([helper.make_opsetid("com.microsoft", 1)] if weights == "nbits" else [])
+    model = helper.make_model(g, opset_imports=opsets, producer_name="g2quant")
     model.ir_version = 10
     checker.check_model(model)
     return model

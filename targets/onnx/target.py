@@ -50,7 +50,10 @@ def check(graph: Graph) -> None:
         raise UnsupportedGraph(f"target 'onnx' has no lowering for op(s) {missing}")
 
 
-def write(graph: Graph, path, *, vocab=None, validation: dict | None = None, meta: dict | None = None) -> Path:
+def write(graph: Graph, path, *, vocab=None, validation: dict | None = None, meta: dict | None = None,
+          weights: str = "dq") -> Path:
+    """``weights``: "dq" (standard DequantizeLinear + MatMul, any onnxruntime) or "nbits"
+    (``com.microsoft.MatMulNBits`` for widths <= 4; onnxruntime only)."""
     try:
         import onnx  # noqa: F401
     except ImportError:
@@ -58,9 +61,9 @@ def write(graph: Graph, path, *, vocab=None, validation: dict | None = None, met
     from .build import OPSET, build_model, externalize
     check(graph)
     check_finite(graph)
-    models = {MODEL: build_model(graph)}
+    models = {MODEL: build_model(graph, weights=weights)}
     if graph.streamable:
-        models[STEP] = build_model(graph, streaming=True)
+        models[STEP] = build_model(graph, streaming=True, weights=weights)
     files = {DATA: externalize(list(models.values()), DATA)}        # one copy of the weights for both
     files.update({k: m.SerializeToString() for k, m in models.items()})
     if vocab is not None:
@@ -71,7 +74,8 @@ def write(graph: Graph, path, *, vocab=None, validation: dict | None = None, met
     params = {name: {"kind": "qmatrix" if isinstance(p, QMatrix) else "array", "shape": list(np.shape(p.q)
               if isinstance(p, QMatrix) else np.shape(p))} for name, p in graph.params.items()}
     manifest = {"target": NAME, "graph": graph.to_json(), "params": params,
-                "onnx": {"model": MODEL, "step": STEP if STEP in files else None, "data": DATA, "opset": OPSET},
+                "onnx": {"model": MODEL, "step": STEP if STEP in files else None, "data": DATA, "opset": OPSET,
+                         "weights": weights},
                 "vocab": VOCAB_FILE if vocab is not None else None, "validation": dict(validation or {}),
                 "meta": {**graph.meta, **(meta or {})}}
     return write_artifact(path, manifest, {}, files)
