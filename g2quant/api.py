@@ -145,8 +145,8 @@ class QuantConfig:
 
 def _gate_letters() -> str:
     """Every gate letter some layer family can evaluate hard, in family order ("ifo" for the LSTM)."""
-    from .targets import ops  # noqa: F401  (registers the built-in ops)
-    from .targets.graph import OPS
+    from .targets.graph import OPS, get_op
+    get_op("lstm")                                   # loads every op module
     out = ""
     for spec in OPS.values():
         out += "".join(g for g in spec.gates if g not in out)
@@ -167,6 +167,7 @@ class QuantizeContext:
     config: QuantConfig
     name: str
     wquant: Callable
+    used_gates: set = field(default_factory=set)      # a handler adds its family's gate letters
 
 
 HANDLERS: dict[type, Callable] = {}
@@ -197,10 +198,8 @@ def _quantize_lstm(m, ctx: QuantizeContext) -> nn.Module:
             q = ctx.wquant(n, getattr(new, n), "lstm")
             if q is not None:
                 new.wq[n] = q
-    gates = set(ctx.config.hard_gates)
-    if gates - set(LSTM_GATES):
-        raise ValueError(f"hard_gates={ctx.config.hard_gates!r}: an LSTM's gates are {', '.join(LSTM_GATES)} "
-                         f"(layer {ctx.name or type(m).__name__!r})")
+    gates = set(ctx.config.hard_gates) & set(LSTM_GATES)       # the letters of this family
+    ctx.used_gates.update(LSTM_GATES)
     if gates:
         new.hard_gates = frozenset(gates) | new.hard_gates
     return new
@@ -322,6 +321,8 @@ def quantize(model: nn.Module, bits: Bits | Mapping = 4, *, calib=None, method: 
             quantize + calibrate; required for ``act_mode="static"``.
         method: "ptq" (frozen scales, eval mode) or "qat" (learnable scales, train mode: fine-tune it).
     """
+    from .families import load_families
+    load_families()
     if config is None:
         config = QuantConfig(bits=bits, method=method, **options)
     elif options:
@@ -382,15 +383,20 @@ def quantize(model: nn.Module, bits: Bits | Mapping = 4, *, calib=None, method: 
         return wquant
 
     inner_named = dict(inner.named_modules())
+    families: set = set()
     for name in targets:
         m = inner_named[name]
-        new = handler_for(m)(m, QuantizeContext(config, name, make_wquant(name)))
+        new = handler_for(m)(m, QuantizeContext(config, name, make_wquant(name), families))
         if name == "":          # the model itself is a single handled layer
             inner = new
             continue
         parent_name, _, attr = name.rpartition(".")
         setattr(inner_named[parent_name], attr, new)
 
+    stray = set(config.hard_gates) - families
+    if stray:
+        raise ValueError(f"hard_gates={config.hard_gates!r}: {''.join(sorted(stray))!r} match no gate of this model's "
+                         f"recurrent layers ({', '.join(sorted(families)) or 'none'})")
     qmodel = QuantizedModel(inner, config)
     qmodel.train(qat)
     if not qat:

@@ -33,7 +33,7 @@ from torch.overrides import TorchFunctionMode
 
 from .nn.g2lstm import G2LSTM
 from .nn.qmodules import QuantEmbedding, QuantG2LSTM, QuantLinear
-from .targets.graph import Graph, GraphError, Node, validate
+from .targets.graph import Graph, GraphError, Node, get_op, validate
 from .targets.ops import LSTM_GATES
 from .targets.qweights import QMatrix
 
@@ -191,6 +191,8 @@ def _lower_lstm(m, ctx: LowerContext, name: str) -> Lowered:
 def lower_params(model: nn.Module) -> tuple[dict[str, object], set[int]]:
     """Every registered layer of ``model`` lowered on its own (no wiring): ``(params by name,
     ids of the torch parameters they cover)``. What ``size_bytes`` counts."""
+    from .families import load_families
+    load_families()
     ctx, out, covered = LowerContext(), {}, set()
     for name, m in _leaf_layers(model):
         low = lowering_for(m)(m, ctx, name or type(m).__name__)
@@ -344,34 +346,35 @@ class _Capture(TorchFunctionMode):
                 raise ExportError(f"linear {label!r} reads a {v.kind} value")
             ref = self._node("linear", label, [v.ref], low.attrs, low.params)
             self._set(output, _Val(v.kind, ref, v.layout, v.lead))
-        elif low.op == "lstm":
-            self._lstm(label, m, low, v, args, kwargs, output)
+        elif get_op(low.op).recurrent:                     # lstm, gru, ...: (output, state(s))
+            self._recurrent(label, m, low, v, args, kwargs, output)
         else:                                             # a registered family with its own op
             ref = self._node(low.op, label, [v.ref], low.attrs, low.params)
             out = output[0] if isinstance(output, tuple) else output
             self._set(out, _Val(v.kind, ref, v.layout, v.lead))
 
-    def _lstm(self, label, m, low, v, args, kwargs, output):
+    def _recurrent(self, label, m, low, v, args, kwargs, output):
         layout = "bt" if m.batch_first else "tb"
+        kind = type(m).__name__
         if v.kind != "seq":
-            raise ExportError(f"LSTM {label!r} reads a {v.kind} value; it needs a sequence [T, B, F]")
+            raise ExportError(f"{kind} {label!r} reads a {v.kind} value; it needs a sequence [T, B, F]")
         if v.layout != layout:
-            raise ExportError(f"LSTM {label!r} has batch_first={m.batch_first} but reads a sequence laid out "
+            raise ExportError(f"{kind} {label!r} has batch_first={m.batch_first} but reads a sequence laid out "
                               f"{'[B, T, F]' if v.layout == 'bt' else '[T, B, F]'}")
         hx = args[1] if len(args) > 1 else kwargs.get("hx")
         if hx is not None:
             for t in (hx if isinstance(hx, (tuple, list)) else (hx,)):
                 if isinstance(t, torch.Tensor) and self.val(t) is None and bool(torch.count_nonzero(t)):
-                    raise ExportError(f"LSTM {label!r} starts from a non-zero state computed inside the model; "
+                    raise ExportError(f"{kind} {label!r} starts from a non-zero state computed inside the model; "
                                       "only a zero state or the caller's state (run(x, state)) can be exported")
                 if self.val(t) is not None:
-                    raise ExportError(f"LSTM {label!r} starts from a state computed by other layers, which "
+                    raise ExportError(f"{kind} {label!r} starts from a state computed by other layers, which "
                                       "cannot be exported")
-        ref = self._node("lstm", label, [v.ref], low.attrs, low.params)
-        out, (h_n, c_n) = output
+        ref = self._node(low.op, label, [v.ref], low.attrs, low.params)
+        out, states = output
         self._set(out, _Val("seq", ref, layout))
-        self._set(h_n, _Val("state", ref, index=0))
-        self._set(c_n, _Val("state", ref, index=1))
+        for k, t in enumerate(states if isinstance(states, (tuple, list)) else (states,)):
+            self._set(t, _Val("state", ref, index=k))
 
     # ---- tensor operations between layers ----------------------------------------------------
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -460,7 +463,7 @@ class _Capture(TorchFunctionMode):
             if v.kind == "state" and axis == 0:
                 rows = x.shape[0]
                 ref = self._node("state_select", f"{v.ref}.{'hc'[v.index]}_n", [v.ref],
-                                 {"state": "hc"[v.index], "index": i % rows})
+                                 {"state": "hc"[v.index], "index": i % rows})      # state names: h, c
                 self._set(out, _Val("vec", ref))
                 return
         self._mark_bad(out, f"indexing a {v.kind} value with {idx!r}")
@@ -528,6 +531,8 @@ def _first_tensor(out):
 def lower(model: nn.Module, example=None) -> tuple[Graph, torch.Tensor, torch.Tensor]:
     """Lower ``model`` (a ``QuantizedModel`` or any float model made of the supported layers):
     ``(graph, example input, the model's output on it)``. Raises :class:`ExportError`."""
+    from .families import load_families
+    load_families()
     inner = getattr(model, "model", model)
     x = example_input(inner) if example is None else example
     if not isinstance(x, torch.Tensor) or x.dim() not in (2, 3):
@@ -541,8 +546,8 @@ def lower(model: nn.Module, example=None) -> tuple[Graph, torch.Tensor, torch.Te
     ctx = LowerContext()
     cap = _Capture(inner, ctx)
     layers = [m for _, m in _leaf_layers(inner)]
-    lstm = next((m for m in layers if isinstance(m, (nn.LSTM, G2LSTM))), None)
-    layout = "bt" if (lstm is not None and lstm.batch_first) else "tb"
+    rnn = next((m for m in layers if hasattr(m, "batch_first") and hasattr(m, "hidden_size")), None)
+    layout = "bt" if (rnn is not None and rnn.batch_first) else "tb"
     cap._set(x, _Val("tokens" if tokens else "seq", "input", layout))
     try:
         with cap:

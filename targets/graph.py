@@ -140,9 +140,19 @@ def register_op(spec: OpSpec) -> OpSpec:
     return spec
 
 
+# modules that register ops (the built-ins, then one per further layer family)
+OP_MODULES = ("ops", "gru")
+
+
+_loaded = []
+
+
 def get_op(name: str) -> OpSpec:
-    if not OPS:
-        from . import ops  # noqa: F401  (registers the built-in ops)
+    if not _loaded:
+        import importlib
+        _loaded.append(True)
+        for m in OP_MODULES:
+            importlib.import_module(f"{__package__}.{m}")
     try:
         return OPS[name]
     except KeyError:

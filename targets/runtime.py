@@ -79,8 +79,10 @@ class Runtime:
         """``state`` as a State of the right shapes (a bare ``(h, c)`` is accepted for one LSTM)."""
         if state is None:
             return self.initial_state(batch)
-        if len(self.recurrent) == 1 and len(state) == 2 and isinstance(state[0], np.ndarray):
-            state = (tuple(state),)
+        if len(self.recurrent) == 1 and isinstance(state, np.ndarray):
+            state = ((state,),)                                   # a bare h (GRU)
+        elif len(self.recurrent) == 1 and len(state) == 2 and isinstance(state[0], np.ndarray):
+            state = (tuple(state),)                               # a bare (h, c) (LSTM)
         if not isinstance(state, tuple) or len(state) != len(self.recurrent):
             raise ValueError(f"state must hold one entry per recurrent node ({len(self.recurrent)}), as returned "
                              "by initial_state() or run()")

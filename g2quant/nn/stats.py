@@ -48,11 +48,11 @@ class GateStats:
 
         keys = sorted(self.counts)
         layers = sorted({k[0] for k in keys})
-        gates = [g for g in ("i", "f", "o") if any(k[1] == g for k in keys)]
+        gates = [g for g in ("i", "f", "o", "r", "z") if any(k[1] == g for k in keys)]
         fig, axes = plt.subplots(len(layers), len(gates), figsize=(3.2 * len(gates), 2.4 * len(layers)),
                                  squeeze=False, sharex=True)
         edges = torch.linspace(0, 1, self.bins + 1)
-        names = {"i": "input gate", "f": "forget gate", "o": "output gate"}
+        names = {"i": "input gate", "f": "forget gate", "o": "output gate", "r": "reset gate", "z": "update gate"}
         for r, layer in enumerate(layers):
             for col, gate in enumerate(gates):
                 ax = axes[r][col]
@@ -89,10 +89,11 @@ class GateRecorder:
     """
 
     def __init__(self, model: nn.Module, gates=("i", "f", "o"), bins: int = 100):
-        self.modules = [m for m in model.modules() if isinstance(m, G2LSTM)]
+        from .g2gru import G2GRU
+        self.modules = [m for m in model.modules() if isinstance(m, (G2LSTM, G2GRU))]
         if not self.modules:
-            raise ValueError("GateRecorder: the model contains no G2LSTM layer "
-                             "(convert nn.LSTM layers with G2LSTM.from_lstm first)")
+            raise ValueError("GateRecorder: the model contains no G2LSTM or G2GRU layer "
+                             "(convert nn.LSTM / nn.GRU layers with G2LSTM.from_lstm / G2GRU.from_gru first)")
         self.gates = tuple(gates)
         self.stats = GateStats(bins=bins)
 
@@ -105,6 +106,11 @@ class GateRecorder:
         for m in self.modules:
             m.gate_recorder = None
         return False
+
+    def observe_gates(self, module, layer: int, gates: dict) -> None:
+        """``gates``: gate letter -> values as the layer used them (the GRU's r and z)."""
+        for g, v in gates.items():
+            self.stats.add(layer, g, v)
 
     def observe(self, module: G2LSTM, layer: int, gates: torch.Tensor) -> None:
         """``gates``: [T, B, 3H] i, f, o values in that order, as the recurrence used them."""
