@@ -138,3 +138,24 @@ def test_foreign_gru_models_quantize_export_and_run_like_torch(cls, hard, tmp_pa
 def test_gru_hard_gate_letters_are_checked_per_family():
     with pytest.raises(ValueError, match="match no gate of this model"):
         g2quant.quantize(GRUTagger(), bits=4, hard_gates="if")
+
+
+@pytest.mark.parametrize("cls", [GRUTagger, GRUClassifier], ids=lambda c: c.__name__)
+def test_gru_models_on_the_onnx_target(cls, tmp_path):
+    pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    q = g2quant.quantize(cls().eval(), bits=4, hard_gates="rz" if cls is GRUTagger else "")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        p = q.export(tmp_path / "g.g2q", target="onnx")
+    rt = g2quant.load(p)
+    x = example_input(q.model)
+    y = q(x)
+    y = (y[0] if isinstance(y, tuple) else y).detach().numpy()
+    got, state = rt.run(x.numpy())
+    assert float(np.abs(got - y).max()) <= AGREEMENT_RTOL * max(1.0, float(np.abs(y).max()))
+    if rt.streamable:
+        st_ = rt.initial_state(x.shape[1])
+        for t in range(x.shape[0]):
+            _, st_ = rt.step(x.numpy()[t], st_)
+        np.testing.assert_allclose(st_.h, state.h, atol=1e-5)

@@ -212,6 +212,59 @@ def _lstm(b: _Builder, graph: Graph, node, x: str, state_in: tuple[str, str], st
     return x, (h_n, c_n)
 
 
+def _gru_cell(b: _Builder, gx_t: str, h: str, w_hh, b_hh: str, H: int, hard: str, act_bits) -> str:
+    """One GRU step (``gx_t`` = W_ih·x + b_ih): returns h_new."""
+    gh = b.op("Add", [b.product(h, w_hh, act_bits), b_hh])
+    xr, xz, xn = b.op("Split", [gx_t, b.const([H] * 3, np.int64)], n_out=3, axis=-1)
+    hr, hz, hn = b.op("Split", [gh, b.const([H] * 3, np.int64)], n_out=3, axis=-1)
+    r = _gate(b, b.op("Add", [xr, hr]), "r" in hard)
+    z = _gate(b, b.op("Add", [xz, hz]), "z" in hard)
+    n = b.op("Tanh", [b.op("Add", [xn, b.op("Mul", [r, hn])])])
+    one_minus_z = b.op("Sub", [b.const(1.0), z])
+    return b.op("Add", [b.op("Mul", [one_minus_z, n]), b.op("Mul", [z, h])])
+
+
+def _gru(b: _Builder, graph: Graph, node, x: str, h_all: str, streaming: bool):
+    from onnx import TensorProto
+    from ..gru import gru_dims, gru_param_names
+    H, L, D = gru_dims(node)
+    hard, act = node.attrs.get("hard_gates", ""), node.attrs.get("act_bits")
+    hs = []
+    for layer in range(L):
+        outs = []
+        xin = b.fake_quant(x) if act == 8 else x
+        for d in range(D):
+            k = layer * D + d
+            ih, hh, bi, bh = gru_param_names(L, D)[k]
+            gx = b.op("Add", [b.product(xin, b.weight(graph.param(node, ih), node.params[ih]), None),
+                              b.const(np.asarray(graph.param(node, bi), np.float32))])
+            w_hh = b.weight(graph.param(node, hh), node.params[hh])
+            b_hh = b.const(np.asarray(graph.param(node, bh), np.float32))
+            h0 = b.op("Squeeze", [b.op("Gather", [h_all, b.const([k], np.int64)], axis=0), b.const([0], np.int64)])
+            if streaming:
+                h_T = _gru_cell(b, b.op("Squeeze", [gx, b.const([0], np.int64)]), h0, w_hh, b_hh, H, hard, act)
+                out = b.op("Unsqueeze", [h_T, b.const([0], np.int64)])
+            else:
+                body = _Builder(b.fresh("gru_body"), b.mode)
+                body.count = b.count + 100000
+                tag = b.fresh("s")
+                h_in, gx_in = f"{tag}_h", f"{tag}_gx"
+                h_new = _gru_cell(body, gx_in, h_in, w_hh, b_hh, H, hard, act)
+                o1, o2 = body.op("Identity", [h_new]), body.op("Identity", [h_new])
+                vi = body.h.make_tensor_value_info
+                g = body.h.make_graph(body.nodes, body.name, [vi(h_in, TensorProto.FLOAT, ["B", H]),
+                                                              vi(gx_in, TensorProto.FLOAT, ["B", 3 * H])],
+                                      [vi(o1, TensorProto.FLOAT, ["B", H]), vi(o2, TensorProto.FLOAT, ["B", H])],
+                                      initializer=body.inits)
+                b.count = body.count
+                h_T, out = b.op("Scan", [h0, gx], n_out=2, body=g, num_scan_inputs=1,
+                                scan_input_directions=[d], scan_output_directions=[d])
+            outs.append(out)
+            hs.append(b.op("Unsqueeze", [h_T, b.const([0], np.int64)]))
+        x = outs[0] if D == 1 else b.op("Concat", outs, axis=-1)
+    return x, (hs[0] if len(hs) == 1 else b.op("Concat", hs, axis=0),)
+
+
 def build_model(graph: Graph, *, streaming: bool = False, weights: str = "dq"):
     """The ONNX ``ModelProto`` of ``graph`` (one step when ``streaming``); ``weights`` = "dq"
     (DequantizeLinear + MatMul) or "nbits" (``com.microsoft.MatMulNBits`` for widths <= 4)."""
@@ -255,12 +308,17 @@ def build_model(graph: Graph, *, streaming: bool = False, weights: str = "dq"):
                                                    axis=0), b.const([0], np.int64)])
         elif op == "concat":
             env[node.name] = b.op("Concat", ins, axis=-1)
-        elif op == "lstm":
-            H, L, D = lstm_dims(node)
-            hn, cn = f"state.{node.name}.h", f"state.{node.name}.c"
-            inputs += [vi(hn, TensorProto.FLOAT, [L * D, "B", H]), vi(cn, TensorProto.FLOAT, [L * D, "B", H])]
-            env[node.name], final[node.name] = _lstm(b, graph, node, ins[0], (hn, cn), streaming)
-            for k, name in enumerate(("h", "c")):
+        elif op in ("lstm", "gru"):
+            from ..gru import gru_dims
+            H, L, D = lstm_dims(node) if op == "lstm" else gru_dims(node)
+            names = ("h", "c") if op == "lstm" else ("h",)
+            sin = [f"state.{node.name}.{n}" for n in names]
+            inputs += [vi(n, TensorProto.FLOAT, [L * D, "B", H]) for n in sin]
+            if op == "lstm":
+                env[node.name], final[node.name] = _lstm(b, graph, node, ins[0], tuple(sin), streaming)
+            else:
+                env[node.name], final[node.name] = _gru(b, graph, node, ins[0], sin[0], streaming)
+            for k, name in enumerate(names):
                 out = f"state_out.{node.name}.{name}"
                 b.nodes.append(helper.make_node("Identity", [final[node.name][k]], [out], name=b.fresh("n")))
                 state_outputs.append(vi(out, TensorProto.FLOAT, [L * D, "B", H]))
@@ -303,4 +361,4 @@ def externalize(models: list, location: str, min_bytes: int = 1024) -> bytes:
     return bytes(blob)
 
 
-SUPPORTED_OPS = ("embedding", "linear", "activation", "select_step", "state_select", "concat", "lstm")
+SUPPORTED_OPS = ("embedding", "linear", "activation", "select_step", "state_select", "concat", "lstm", "gru")

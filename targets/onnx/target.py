@@ -113,17 +113,19 @@ class OnnxRuntime(LMMixin, Runtime):
         self.step_session = ort.InferenceSession(str(root / step), so, providers=prov) if step else None
         self.vocab, self.manifest, self.path = vocab, manifest, None if path is None else Path(path)
         self.loop = "onnxruntime"
-        self._names = [n.name for n in self.recurrent]
+        self._states = [(n.name, ("h", "c")[:len(s)]) for n, s in zip(self.recurrent, self.initial_state(1))]
 
     def _execute(self, xs, state):
         sess = self.step_session if (xs.shape[0] == 1 and self.step_session is not None) else self.session
         feed = {"x": xs}
-        for name, (h, c) in zip(self._names, state):
-            feed[f"state.{name}.h"], feed[f"state.{name}.c"] = h, c
+        for (name, letters), arrays in zip(self._states, state):
+            for letter, a in zip(letters, arrays):
+                feed[f"state.{name}.{letter}"] = a
         outs = sess.run(None, feed)
-        y, rest = outs[0], outs[1:]
-        return y, State((np.ascontiguousarray(rest[2 * i]), np.ascontiguousarray(rest[2 * i + 1]))
-                        for i in range(len(self._names)))
+        rest, new = outs[1:], []
+        for _, letters in self._states:
+            new.append(tuple(np.ascontiguousarray(rest.pop(0)) for _ in letters))
+        return outs[0], State(new)
 
     def info(self) -> dict:
         return {"backend": self.backend, "loop": self.loop, "opset": (self.manifest.get("onnx") or {}).get("opset")}
