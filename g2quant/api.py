@@ -286,9 +286,13 @@ class QuantizedModel(nn.Module):
         return sum(4 * p.numel() for p in self._model_parameters())
 
     def set_hard_gates(self, gates: str) -> None:
+        """Evaluate these gates as ``1[a > 0]`` in every recurrent layer (each takes its family's letters)."""
+        from .nn.g2gru import G2GRU
         for m in self.model.modules():
             if isinstance(m, G2LSTM):
-                m.hard_gates = frozenset(gates)
+                m.hard_gates = frozenset(set(gates) & set("ifo"))
+            elif isinstance(m, G2GRU):
+                m.hard_gates = frozenset(set(gates) & set("rz"))
 
     def evaluate(self, data, *, batch_size: int = 10, bptt: int = 35, progress: bool = False) -> dict:
         """Perplexity on a token stream (for language models), hidden state carried across batches."""

@@ -67,8 +67,8 @@ def _bits_arg(text: str):
 
 
 def _gates_arg(text: str) -> str:
-    if set(text) - set("ifo"):
-        raise argparse.ArgumentTypeError(f"may contain only the gate letters i, f, o; got {text!r}")
+    if set(text) - set("iforz"):
+        raise argparse.ArgumentTypeError(f"may contain only the gate letters i, f, o (LSTM) or r, z (GRU); got {text!r}")
     return text
 
 
@@ -109,7 +109,7 @@ def cmd_train_lm(args) -> int:
     corpus = load_corpus(args)
     try:
         cfg = LMConfig.preset(args.preset, vocab_size=len(corpus.vocab), gates=args.gates, tau=args.tau,
-                              noise_p=args.noise_p, tied=args.tied,
+                              noise_p=args.noise_p, tied=args.tied, cell=args.cell,
                               **({"dropout": args.dropout} if args.dropout is not None else {}))
         tcfg = TrainConfig(epochs=args.epochs, lr=args.lr, lr_decay=args.lr_decay, decay_after=args.decay_after,
                            batch_size=args.batch_size, bptt=args.bptt, clip=args.clip, seed=args.seed,
@@ -120,7 +120,8 @@ def cmd_train_lm(args) -> int:
         raise CLIError(f"--batch-size {args.batch_size} is too large for {len(corpus.train):,} training tokens")
     torch.manual_seed(args.seed)
     model = WordLM(cfg)
-    say(args, f"training {args.preset} LM ({model.num_parameters() / 1e6:.2f}M parameters, gates={cfg.gates}) "
+    say(args, f"training {args.preset} {cfg.cell.upper()} LM ({model.num_parameters() / 1e6:.2f}M parameters, "
+              f"gates={cfg.gates}) "
               f"on {args.data}: {len(corpus.train):,} tokens, {tcfg.epochs} epochs -> {args.out}")
     try:
         result = train_lm(model, corpus.train, corpus.valid, tcfg, args.out, resume=args.resume,
@@ -206,9 +207,10 @@ def cmd_export(args) -> int:
             q = quantize(model, bits=args.bits, hard_gates=args.hard_gates)
     except ValueError as exc:
         raise CLIError(str(exc)) from None
-    corpus = load_corpus(args, args.data or record.get("data", "ptb"))
+    data_name = args.data or record.get("data", "ptb")
+    corpus = load_corpus(args, data_name)
     _check_vocab_size(q, corpus, args)
-    validation = {}
+    validation = {"data": data_name}
     if not args.no_validate:
         from .evaluate import lm_perplexity
         say(args, "measuring test perplexity of the quantized model (torch)")
@@ -251,6 +253,13 @@ def cmd_eval(args) -> int:
 
     if cli_deploy.is_artifact(args.model):
         args.artifact = args.model
+        if args.data is None and not args.text:              # the corpus recorded at export
+            from .targets.artifact import ArtifactError, read_manifest
+            try:
+                recorded = (read_manifest(args.model).get("validation") or {}).get("data")
+            except ArtifactError:
+                recorded = None
+            args.data = recorded if recorded in ("ptb", "synthetic") else None
         return cli_deploy.eval_artifact(args, data_ids)
     if args.backend != "auto":
         raise CLIError("--backend applies to artifacts; this is a checkpoint (evaluated with torch)")
@@ -261,14 +270,16 @@ def _eval_checkpoint(args, data_ids) -> int:
     import json
 
     from .evaluate import lm_perplexity
+    from .nn.g2gru import G2GRU
     from .nn.g2lstm import G2LSTM
 
     _set_torch_threads(args)
     model, record = _load_model(args.model)
-    lstms = [m for m in model.modules() if isinstance(m, G2LSTM)]
+    lstms = [m for m in model.modules() if isinstance(m, (G2LSTM, G2GRU))]
     if args.hard_gates:
         for m in lstms:
-            m.hard_gates = frozenset(args.hard_gates)
+            letters = set(args.hard_gates) & set("ifo" if isinstance(m, G2LSTM) else "rz")
+            m.hard_gates = frozenset(letters)
     rec_data = record.get("data")
     if args.data and rec_data and args.data != rec_data and not args.text:
         raise CLIError(f"{args.model} was trained on {rec_data!r}; evaluating it on --data {args.data} would "
@@ -289,7 +300,7 @@ def _eval_checkpoint(args, data_ids) -> int:
         r = lm_perplexity(model, ids, batch_size=args.batch_size, bptt=args.bptt, progress=show_progress(args))
     except ValueError as exc:
         raise CLIError(str(exc)) from None
-    hard = "".join(g for g in "ifo" if lstms and g in lstms[0].hard_gates) or "none"
+    hard = "".join(g for g in "iforz" if lstms and g in lstms[0].hard_gates) or "none"
     if args.json:
         print(json.dumps({"model": str(args.model), "data": what, "perplexity": r["ppl"], "nll": r["loss"],
                           "tokens": r["tokens"], "batch_size": r["batch_size"], "bptt": r["bptt"],
@@ -370,6 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = add("train-lm", cmd_train_lm, "train a word-level (G2-)LSTM language model")
     t.add_argument("--preset", choices=["tiny", "small", "medium"], default="small", help="model size (Zaremba et al.)")
     t.add_argument("--gates", choices=["sigmoid", "gumbel", "sharpened"], default="gumbel", help="gate nonlinearity")
+    t.add_argument("--cell", choices=["lstm", "gru"], default="lstm", help="recurrent cell (G2LSTM or G2GRU)")
     t.add_argument("--tau", type=_positive_float, default=None, help="temperature (default 0.9 gumbel, 0.2 sharpened)")
     t.add_argument("--noise-p", type=_probability, default=1.0, help="probability of Gumbel noise per gate value")
     t.add_argument("--tied", action="store_true", help="tie the decoder to the embedding")

@@ -18,8 +18,11 @@ def batchify(data, batch_size: int) -> torch.Tensor:
 
 
 def detach_hidden(hidden):
+    """The recurrent state cut from the graph: a tensor (GRU) or a tuple of tensors (LSTM)."""
     if hidden is None:
         return None
+    if isinstance(hidden, torch.Tensor):
+        return hidden.detach()
     return tuple(h.detach() for h in hidden)
 
 

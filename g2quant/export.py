@@ -36,7 +36,8 @@ __all__ = ["ExportError", "export_model", "AGREEMENT_RTOL", "HARD_GATE_WARN", "h
 @contextlib.contextmanager
 def _soft_gates(model):
     """Temporarily evaluate every gate softly (for measuring what hard gates change)."""
-    saved = [(m, m.hard_gates) for m in model.modules() if isinstance(m, G2LSTM)]
+    from .nn.g2gru import G2GRU
+    saved = [(m, m.hard_gates) for m in model.modules() if isinstance(m, (G2LSTM, G2GRU))]
     try:
         for m, _ in saved:
             m.hard_gates = frozenset()

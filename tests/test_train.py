@@ -106,7 +106,7 @@ def test_cli_train_eval_resume(tmp_path, capsys):
     (["train-lm", "--gates", "binary", "--out", "x"], 2, "invalid choice"),
     (["train-lm", "--data", "synthetic", "--preset", "tiny", "--out", "{tmp}/r", "--resume"], 2, "no checkpoint"),
     (["eval-lm", "{tmp}/missing", "--data", "synthetic"], 2, "does not exist"),
-    (["eval-lm", "x", "--hard-gates", "iz"], 2, "--hard-gates: may contain only"),
+    (["eval-lm", "x", "--hard-gates", "ix"], 2, "--hard-gates: may contain only"),
     (["train-lm", "--data", "ptb", "--data-dir", "{tmp}/nodata", "--out", "x"], 2, "does not exist"),
     (["no-such-command"], 2, "invalid choice"),
 ])

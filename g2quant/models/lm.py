@@ -1,4 +1,4 @@
-"""Word-level LSTM language model: embedding → G2LSTM stack → dropout → decoder.
+"""Word-level LSTM / GRU language model: embedding → G2LSTM (or G2GRU) stack → dropout → decoder.
 
 Presets follow Zaremba et al., "Recurrent Neural Network Regularization" (2014):
 ``small`` = 2 × 200, no dropout; ``medium`` = 2 × 650, dropout 0.5.
@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 from torch import nn
 
+from ..nn.g2gru import G2GRU
 from ..nn.g2lstm import DEFAULT_TAU, GATE_MODES, G2LSTM
 
 
@@ -24,8 +25,9 @@ class LMConfig:
     gates: str = "sigmoid"          # "sigmoid" | "gumbel" | "sharpened"
     tau: float | None = None        # default: 0.9 gumbel, 0.2 sharpened
     noise_p: float = 1.0
-    gumbel_gates: str = "if"
+    gumbel_gates: str | None = None  # default: "if" for the LSTM, "rz" for the GRU
     init_range: float = 0.1
+    cell: str = "lstm"              # "lstm" (G2LSTM) or "gru" (G2GRU)
 
     def __post_init__(self):
         for name in ("vocab_size", "emb_size", "hidden_size", "num_layers"):
@@ -40,6 +42,10 @@ class LMConfig:
             raise ValueError(f"tied weights need emb_size == hidden_size, got {self.emb_size} and {self.hidden_size}")
         if self.init_range <= 0:
             raise ValueError(f"LMConfig.init_range must be > 0, got {self.init_range}")
+        if self.cell not in ("lstm", "gru"):
+            raise ValueError(f"LMConfig.cell must be 'lstm' or 'gru', got {self.cell!r}")
+        if self.gumbel_gates is None:
+            object.__setattr__(self, "gumbel_gates", "if" if self.cell == "lstm" else "rz")
 
     @property
     def effective_tau(self) -> float:
@@ -77,8 +83,9 @@ class WordLM(nn.Module):
         c = config
         self.embedding = nn.Embedding(c.vocab_size, c.emb_size)
         self.drop = nn.Dropout(c.dropout)
-        self.rnn = G2LSTM(c.emb_size, c.hidden_size, c.num_layers, dropout=c.dropout, gates=c.gates,
-                          tau=c.tau, noise_p=c.noise_p, gumbel_gates=c.gumbel_gates)
+        rnn = G2LSTM if c.cell == "lstm" else G2GRU
+        self.rnn = rnn(c.emb_size, c.hidden_size, c.num_layers, dropout=c.dropout, gates=c.gates,
+                       tau=c.tau, noise_p=c.noise_p, gumbel_gates=c.gumbel_gates)
         self.decoder = nn.Linear(c.hidden_size, c.vocab_size)
         if c.tied:
             self.decoder.weight = self.embedding.weight
@@ -92,7 +99,7 @@ class WordLM(nn.Module):
     def init_hidden(self, batch: int):
         c = self.config
         z = torch.zeros(c.num_layers, batch, c.hidden_size, device=self.decoder.weight.device)
-        return (z, z.clone())
+        return (z, z.clone()) if c.cell == "lstm" else z
 
     def forward(self, tokens: torch.Tensor, hidden=None):
         if tokens.dim() != 2:
