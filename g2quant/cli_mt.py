@@ -83,13 +83,15 @@ def add_commands(add) -> None:
     t.add_argument("--select", choices=["bleu", "loss"], default="bleu",
                    help="keep best.safetensors by validation BLEU or validation loss")
     t.add_argument("--valid-beam", type=pos_int, default=1, help="beam of the per-epoch validation BLEU (1: greedy)")
-    t.add_argument("--valid-limit", type=pos_int, default=None, help="validate (loss and BLEU) on the first N sentences only")
+    t.add_argument("--valid-limit", type=pos_int, default=None,
+                   help="validate (loss and BLEU) on the first N sentences only")
     t.add_argument("--max-batches", type=pos_int, default=None, help="cap batches per epoch")
     t.add_argument("--time-budget", type=pos_float, default=None, help="seconds; stop after the epoch it runs out in")
     c_run_folder(t)
     c_threads(t)
 
-    r = add("translate", cmd_translate, "translate tokenized sentences from stdin (or --input) with a checkpoint")
+    r = add("translate", cmd_translate, "translate tokenized sentences (lowercased for the model) from stdin or "
+                                        "--input with a checkpoint")
     r.epilog = EPILOGS["translate"]
     r.add_argument("checkpoint", help="a seq2seq .safetensors checkpoint or its run folder")
     r.add_argument("--beam", type=pos_int, default=5, help="beam size (1: greedy)")
@@ -152,7 +154,7 @@ def load_data(args, name: str):
 
 
 def _load_mt_model(path):
-    from . import models  # noqa: F401  (registers the seq2seq checkpoint kind)
+    from .models import seq2seq  # noqa: F401  (registers the seq2seq checkpoint kind)
     from .data.translation import BPE, Vocab
     model, record = _cli()._load_model(path)
     if "vocab" not in record or "bpe_codes" not in record:

@@ -163,8 +163,8 @@ def _best_on_disk(best: Path, metric: str) -> float:
 
 
 def train_mt(model: nn.Module, data: TranslationData, tcfg: MTTrainConfig, out_dir: str | os.PathLike, *,
-             resume: bool = False, progress: bool | None = None, kind: str = "seq2seq", record_extra: dict | None = None,
-             log=print, on_epoch=None) -> MTTrainResult:
+             resume: bool = False, progress: bool | None = None, kind: str = "seq2seq",
+             record_extra: dict | None = None, log=print, on_epoch=None) -> MTTrainResult:
     """Train ``model`` (``forward(src [S,B], tgt_in [T,B]) -> logits [T,B,V]``) on ``data.train``.
 
     After every epoch: validation loss and BLEU (``valid_beam``), ``best.safetensors`` when the
@@ -183,8 +183,8 @@ def train_mt(model: nn.Module, data: TranslationData, tcfg: MTTrainConfig, out_d
 
         from .data.translation import SAMPLE_WARNING
         warnings.warn(SAMPLE_WARNING, stacklevel=2)
-    extra = {"data": data.name, "sample": data.sample, "src_lang": data.src_lang, "tgt_lang": data.tgt_lang, "vocab": {"src": list(data.src_vocab.tokens),
-                                                                 "tgt": list(data.tgt_vocab.tokens)},
+    extra = {"data": data.name, "sample": data.sample, "src_lang": data.src_lang, "tgt_lang": data.tgt_lang,
+             "vocab": {"src": list(data.src_vocab.tokens), "tgt": list(data.tgt_vocab.tokens)},
              "bpe_codes": data.bpe_codes, **(record_extra or {})}
     result = MTTrainResult(checkpoint=str(last))
     opt, sched = make_optimizer(model, tcfg)

@@ -115,7 +115,8 @@ def test_bucket_batches():
 
 
 def test_build_data_and_split_helpers():
-    d = tr.build_data("toy", {"train": (["a b", "b c"], ["x y", "y"]), "test": (["a q"], ["x@@ y z"])}, "#version: 0.2\n")
+    d = tr.build_data("toy", {"train": (["a b", "b c"], ["x y", "y"]), "test": (["a q"], ["x@@ y z"])},
+                      "#version: 0.2\n")
     assert len(d.src_vocab) == 7 and len(d.tgt_vocab) == 6
     assert d.test.src[0].tolist() == [d.src_vocab.index["a"], UNK, EOS]
     assert d.test.refs == ["xy z"] and d.test.src_text == ["a q"]
@@ -185,7 +186,7 @@ def _fake_iwslt(folder):
     (folder / "train.tags.de-en.en").write_text("\n".join(he + en) + "\n")
     for p in tr.IWSLT14_TEST_PARTS:
         for lang, text in (("de", f"Ich hab’s in {p} gesagt"), ("en", f"I said it’s in {p}")):
-            xml = ['<?xml version="1.0" encoding="UTF-8"?>', "<mteval>", f'<doc docid="1">',
+            xml = ['<?xml version="1.0" encoding="UTF-8"?>', "<mteval>", '<doc docid="1">',
                    f'<seg id="1"> {text} </seg>', f'<seg id="2">Zweite Zeile {lang}.</seg>', "</doc>", "</mteval>"]
             (folder / f"{p}.de-en.{lang}.xml").write_text("\n".join(xml) + "\n")
 

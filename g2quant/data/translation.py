@@ -361,7 +361,8 @@ def tokenized_split(name: str, split: str, path: str | os.PathLike | None = None
     if name == "multi30k":
         folder = resolve_folder(MULTI30K_NAME, MULTI30K_FILES, path, download_ok=download)
         stem = MULTI30K_SPLIT_FILES[split]
-        _check_sha(folder, {f"{stem}.lc.norm.tok.{lang}": _M30K_SHA[f"{stem}.lc.norm.tok.{lang}"] for lang in ("de", "en")})
+        names = [f"{stem}.lc.norm.tok.{lang}" for lang in ("de", "en")]
+        _check_sha(folder, {n: _M30K_SHA[n] for n in names})
         return read_parallel(folder / f"{stem}.lc.norm.tok.de", folder / f"{stem}.lc.norm.tok.en",
                              expected=MULTI30K_LINES[split])
     if name == "iwslt14":
@@ -527,7 +528,8 @@ def prepare_iwslt14(orig: str | os.PathLike, out: str | os.PathLike, *, merges: 
         ps = tok(_xml_segments(orig / f"{p}.{pair}.{src}.xml"), src)
         pt = tok(_xml_segments(orig / f"{p}.{pair}.{tgt}.xml"), tgt)
         if len(ps) != len(pt):
-            raise DataError(f"{orig}: {p}.{pair}.{src}.xml has {len(ps)} segments but {p}.{pair}.{tgt}.xml has {len(pt)}")
+            raise DataError(f"{orig}: {p}.{pair}.{src}.xml has {len(ps)} segments but {p}.{pair}.{tgt}.xml has "
+                            f"{len(pt)}")
         parts[p] = (ps, pt)
     tokenized["test"] = ([x for p in IWSLT14_TEST_PARTS for x in parts[p][0]],
                          [x for p in IWSLT14_TEST_PARTS for x in parts[p][1]])
@@ -540,9 +542,11 @@ def prepare_iwslt14(orig: str | os.PathLike, out: str | os.PathLike, *, merges: 
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     try:
         files = {"code": codes}
-        for split, (s, t) in tokenized.items():
-            files[f"{split}.{src}"], files[f"{split}.{tgt}"] = "\n".join(bpe.apply(s)) + "\n", "\n".join(bpe.apply(t)) + "\n"
-            files[f"tokenized/{split}.{src}"], files[f"tokenized/{split}.{tgt}"] = "\n".join(s) + "\n", "\n".join(t) + "\n"
+        text = lambda lines: "\n".join(lines) + "\n"     # noqa: E731
+        for split, sides in tokenized.items():
+            for lang, lines in zip((src, tgt), sides):
+                files[f"{split}.{lang}"] = text(bpe.apply(lines))
+                files[f"tokenized/{split}.{lang}"] = text(lines)
         for p, (s, t) in parts.items():
             files[f"tokenized/test-parts/{p}.{pair}.{src}"] = "\n".join(s) + "\n"
             files[f"tokenized/test-parts/{p}.{pair}.{tgt}"] = "\n".join(t) + "\n"
@@ -551,8 +555,8 @@ def prepare_iwslt14(orig: str | os.PathLike, out: str | os.PathLike, *, merges: 
             (tmp / name).parent.mkdir(parents=True, exist_ok=True)
             (tmp / name).write_text(text, encoding="utf-8")
             sha[name] = hashlib.sha256(text.encode("utf-8")).hexdigest()
-        agree = {f"{p}.{lang}": sha[f"tokenized/test-parts/{p}.{pair}.{lang}"] == IWSLT14_REFERENCE_PARTS_SHA.get(f"{p}.{lang}")
-                 for p in IWSLT14_TEST_PARTS for lang in (src, tgt)}
+        agree = {f"{p}.{lang}": sha[f"tokenized/test-parts/{p}.{pair}.{lang}"] ==
+                 IWSLT14_REFERENCE_PARTS_SHA.get(f"{p}.{lang}") for p in IWSLT14_TEST_PARTS for lang in (src, tgt)}
         manifest = {"recipe": "fairseq prepare-iwslt14.sh (sacremoses, clean ratio 1.5 lengths 1-175, valid every "
                               "23rd train line, joint BPE)", "merges": merges, "source": str(orig),
                     "sizes": {k: len(v[0]) for k, v in tokenized.items()}, "sha256": sha,
