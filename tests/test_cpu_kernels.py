@@ -1,15 +1,20 @@
-"""Numba kernels vs the NumPy reference (``targets/cpu/reference.py``), on every inner loop.
+"""The CPU engine's kernels vs the NumPy reference, on every inner loop this CPU can run.
+
+What is tested is what the engine calls: the block layout (``kernels.pack_u8`` / ``unpack_u8``,
+the layout's reference), the product kernel ``program_kernels.linear_fwd`` (batch 1: ``gemv``;
+batches: ``gemm`` or AMX; through ``kernels.qmatmul``), the LSTM layer kernel
+``program_kernels.lstm_layer_fwd`` against ``targets.reference.lstm_layer_ref`` (packed as the
+``lstm`` program packs it), and ``embed_fwd``.
 
 Tolerance (docs/cpu-engine.md): ``max|Δ| ≤ 1e-3 · max(1, max|ref|)`` in float32. Integer sums
-are exact on every loop, so the only differences are float rounding of scales and of the
-nonlinearities (sigmoid/tanh), which the bound covers with a wide margin; the exactness tests
-use unit scales and activations that quantize to themselves, where kernel and reference must
-agree bit for bit.
+are exact on every loop, so the exactness tests use unit scales and activations that quantize to
+themselves, where kernel and reference must agree bit for bit, including the extreme codes of
+every width, K at the sub-byte limit and 8-bit sums that wrap.
 
-Every kernel test runs on every loop this CPU can execute (``isa.host_loops()``: on this
-project's x86 machines avx512-vnni, avx-vnni, avx2 and portable where present, on AArch64
-neon-dotprod, neon and portable). This file imports no torch, so it also runs in the emulated
-AArch64 sandbox (``tests/arm64/README.md``).
+Every kernel test runs on every loop of ``isa.host_loops()`` (on this project's x86 machines
+amx-int8, avx512-vnni, avx-vnni, avx2 and portable where present; on AArch64 neon-dotprod, neon
+and portable). This file imports no torch, so it also runs in the emulated AArch64 sandbox
+(``tests/arm64/README.md``).
 """
 from __future__ import annotations
 
@@ -18,21 +23,25 @@ import re
 import subprocess
 import sys
 
+import numba
 import numpy as np
 import pytest
 from numba import njit
 
+from g2quant.targets import reference as ref
 from g2quant.targets.cpu import isa
 from g2quant.targets.cpu import kernels as K
 from g2quant.targets.cpu import kernels_jit as J
 from g2quant.targets.cpu import kernels_vnni as V
-from g2quant.targets.cpu import reference as ref
-from g2quant.targets.qweights import QLSTMLayer, QMatrix, QuantLMWeights
+from g2quant.targets.cpu import program_kernels as pk
+from g2quant.targets.cpu import programs
+from g2quant.targets.qweights import QMatrix
 
 HOST_LOOPS = isa.host_loops()
 # (bits, scheme) covering every storage width: 1, 2, 4 (3 and 4 bits), 8 (5 and 8 bits)
 KINDS = [(1, "binary"), (2, "ternary"), (2, "int"), (3, "int"), (4, "int"), (5, "int"), (8, "int")]
-SHAPES = [(1, 1), (5, 3), (13, 127), (8, 128), (37, 129), (64, 300), (6, 520), (3, 1100)]
+SHAPES = [(1, 1), (5, 3), (13, 127), (16, 16), (37, 129), (64, 300), (6, 520), (3, 1100)]
+BATCHES = (1, 2, 7, 20, 33)             # gemv; gemm tails; AMX: one group of 16, two, a second group
 
 
 def assert_close(got, want):
@@ -62,6 +71,32 @@ def random_qmatrix(rng, rows, cols, bits, scheme, scale=0.05):
     return QMatrix(q, s, bits, scheme)
 
 
+# ----------------------------------------------------------------------------- layout
+
+@pytest.mark.parametrize("bw", [1, 2, 4, 8])
+def test_layout_byte_order(bw):
+    """The documented formula, element by element: bits [p·bw, (p+1)·bw) of byte 4·r + j of line L
+    of block blk hold the code of row 16·blk + r, column 4·(P·L + p) + j."""
+    rng = np.random.default_rng(bw)
+    rows, cols = 21, 75
+    offset, mult = K.code_params(bw)
+    q = (mult * rng.integers(0, 1 << bw, (rows, cols)) - offset).astype(np.int8)
+    data, nlines = K.pack_u8(q, bw, offset, mult)
+    P, kpad = 8 // bw, K.padded_cols(cols, bw)
+    assert nlines == kpad // (4 * P) and kpad % V.k_unit(bw) == 0 and cols <= kpad < cols + V.k_unit(bw)
+    assert data.size == 2 * nlines * 64                          # 21 rows -> 2 blocks of 16
+    lines = data.reshape(2, nlines, 64)
+    pad_code = offset // mult
+    for blk in range(2):
+        for r in range(16):
+            for k in range(kpad):
+                line, p, j = k // (4 * P), (k // 4) % P, k % 4
+                u = (int(lines[blk, line, 4 * r + j]) >> (p * bw)) & ((1 << bw) - 1)
+                row = 16 * blk + r
+                want = (int(q[row, k]) + offset) // mult if row < rows and k < cols else pad_code
+                assert u == want, (blk, r, k)
+
+
 @pytest.mark.parametrize("bits,scheme", KINDS)
 def test_prepare_round_trip(bits, scheme):
     rng = np.random.default_rng(bits)
@@ -70,10 +105,27 @@ def test_prepare_round_trip(bits, scheme):
         km = K.prepare(m)
         np.testing.assert_array_equal(km.unpack(), m.q)
         assert (km.rows, km.cols, km.bits, km.scheme) == (rows, cols, bits, scheme)
-        assert km.kpad % K.k_block(km.bw) == 0 and km.data.ctypes.data % 64 == 0
-        if scheme == "binary":             # both binary routes: 1-bit codes for long rows, else 2-bit
+        assert km.kpad % V.k_unit(km.bw) == 0 and km.kpad - cols < V.k_unit(km.bw)
+        assert km.data.ctypes.data % 64 == 0 and km.scale.size % 16 == 0 and km.nblocks * 16 >= rows
+        np.testing.assert_array_equal(km.scale[rows:], 0)
+        if scheme == "binary":
             assert km.bw == (1 if cols >= K.BINARY_1BIT_MIN_COLS else 2)
 
+
+def test_subbyte_column_limit():
+    """Sub-byte matrices wider than ``MAX_COLS_SUBBYTE`` are refused (the programs then use the
+    NumPy reference); 8-bit ones are not limited."""
+    limit = V.MAX_COLS_SUBBYTE
+    assert K.fits(4, "int", limit) and not K.fits(4, "int", limit + 1)
+    assert K.fits(1, "binary", limit) and not K.fits(2, "ternary", limit + 1)
+    assert K.fits(8, "int", 10 * limit) and not K.fits(32, "float", 10)
+    wide = QMatrix(np.zeros((1, limit + 1), np.int8), np.ones(1, np.float32), 4)
+    with pytest.raises(ValueError, match="limit"):
+        K.prepare(wide)
+    assert not programs.fast_matrix(wide)
+
+
+# ----------------------------------------------------------------------------- products
 
 @pytest.mark.parametrize("bits,scheme", KINDS + [(32, "float")])
 def test_qmatmul_matches_reference(path, bits, scheme):
@@ -81,13 +133,28 @@ def test_qmatmul_matches_reference(path, bits, scheme):
     for rows, cols in SHAPES:
         m = random_qmatrix(rng, rows, cols, bits, scheme)
         km = K.prepare(m)
-        for batch in (1, 7):
+        for batch in BATCHES:
             x = rng.normal(0, 1, (batch, cols)).astype(np.float32)
             x[0, : cols // 2] = 0.0                      # partly zero rows; all-zero when cols == 1
             for act_bits in (8, None):
                 assert_close(K.qmatmul(km, x, act_bits), ref.qmatmul_ref(m, x, act_bits))
         out = np.empty((1, rows), np.float32)
         assert K.qmatmul(km, x[:1], 8, out=out) is out
+
+
+def test_linear_fwd_bias_and_empty_batch(path):
+    """``linear_fwd`` as the linear program calls it: bias added last, zero vectors allowed."""
+    rng = np.random.default_rng(3)
+    loop = isa.loop_id(path)
+    m = random_qmatrix(rng, 45, 70, 4, "int")
+    km = K.prepare(m)
+    bias = rng.normal(size=45).astype(np.float32)
+    for n in (0, 1, 5, 40):
+        x = rng.normal(size=(n, 70)).astype(np.float32)
+        out = np.full((n, 45), np.nan, np.float32)
+        args = (km.data, km.nlines, km.scale, K.padded(bias, 45), True, x, out)
+        pk.specialize(pk.linear_fwd, (loop, km.bw), args)(loop, km.bw, *args)
+        assert_close(out, ref.qmatmul_ref(m, x) + bias)
 
 
 # ----------------------------------------------------------------------------- exactness
@@ -102,10 +169,8 @@ def kmatrix(q: np.ndarray, bits: int, scheme: str = "int") -> K.KMatrix:
     rows, cols = q.shape
     bw = K.storage_bits(bits, scheme, cols)
     offset, mult = K.code_params(bw)
-    data, nchunks = K.pack_u8(q, bw, offset, mult)
-    scale = np.zeros(-(-rows // K.PANEL_ROWS) * K.PANEL_ROWS, np.float32)
-    scale[:rows] = 1.0
-    km = K.KMatrix(rows, cols, bits, scheme, bw, offset, mult, nchunks, data, scale)
+    data, nlines = K.pack_u8(q, bw, offset, mult)
+    km = K.KMatrix(rows, cols, bits, scheme, bw, offset, mult, nlines, data, K.padded(np.ones(rows, np.float32), rows))
     np.testing.assert_array_equal(km.unpack(), q)
     return km
 
@@ -113,7 +178,7 @@ def kmatrix(q: np.ndarray, bits: int, scheme: str = "int") -> K.KMatrix:
 def exact_product(q: np.ndarray, bits: int, scheme: str, xq: np.ndarray):
     """``(kernel, reference)`` for codes ``q``, unit scales and activations that quantize to
     themselves (max |x| = 127 per row, so s_x = 1): both must be the float32 of the exact integer
-    sum ``Σ_k q·x`` (the reference's formula, ``reference.qmatmul_ref``, evaluated in int64)."""
+    sum ``Σ_k q·x`` (evaluated here in int64)."""
     x = xq.astype(np.float32)
     x_q, s_x = ref.quantize_act(x)
     assert (s_x == 1).all() and (x_q == xq).all()
@@ -145,10 +210,10 @@ def test_extreme_codes_are_exact(path, bits, scheme, qmin, qmax):
     """u = 0 and u = 2^bw − 1 against x = ±127 everywhere: no saturation in any loop (s16 pair sums,
     the sign trick of the 8-bit avx2 route, i16 products of the portable loop)."""
     rng = np.random.default_rng(bits)
-    cols = 4100                                       # > 1024: binary takes the 1-bit storage
-    q = extreme_rows(20, cols, qmin, qmax, rng)
-    assert kmatrix(q, bits, scheme).bw == {8: 8, 4: 4, 2: 2, 1: 1}[bits]
-    for batch in (1, 2, 5, 8):
+    cols = 4100
+    q = extreme_rows(36, cols, qmin, qmax, rng)
+    assert kmatrix(q, bits, scheme).bw == bits
+    for batch in (1, 2, 5, 8, 20, 36):
         got, want = exact_product(q, bits, scheme, extreme_acts(batch, cols, rng))
         np.testing.assert_array_equal(got, want)
 
@@ -157,16 +222,30 @@ def test_extreme_codes_are_exact(path, bits, scheme, qmin, qmax):
 def test_random_codes_are_exact(path, bits, scheme, qmin, qmax):
     """Random codes over the full range of each width, random int8 activations, odd sizes."""
     rng = np.random.default_rng(10 + bits)
-    for rows, cols in ((1, 1), (17, 129), (33, 1030), (5, 3001)):
+    for rows, cols in ((1, 1), (17, 129), (33, 1030), (5, 3001), (70, 65)):
         if scheme == "binary":
             q = rng.choice(np.array([-1, 1], np.int8), (rows, cols))
         else:
             q = rng.integers(qmin, qmax + 1, (rows, cols)).astype(np.int8)
-        for batch in (1, 3, 4, 6):
+        for batch in (1, 3, 4, 6, 17, 40):
             x = rng.integers(-127, 128, (batch, cols))
             x[:, 0] = 127                                # s_x = 1: x quantizes to itself
             got, want = exact_product(q, bits, scheme, x)
             np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("bits,scheme,qmin,qmax", WIDTHS[1:])
+def test_subbyte_limit_is_exact(path, bits, scheme, qmin, qmax):
+    """K = MAX_COLS_SUBBYTE with the largest code against x = ±127: the in-place planes of the
+    VNNI loops (up to 2^(8−bw)·(2^bw − 1) per byte) reach their largest sums without wrapping."""
+    cols = V.MAX_COLS_SUBBYTE
+    q = np.full((16, cols), qmax, np.int8)
+    q[1::2] = qmin
+    x = np.full((3, cols), 127, np.int16)
+    x[1] = -127
+    x[2, 1::2] = -127
+    got, want = exact_product(q, bits, scheme, x)
+    np.testing.assert_array_equal(got, want)
 
 
 def test_8bit_long_k_wraps_exactly(path):
@@ -175,98 +254,88 @@ def test_8bit_long_k_wraps_exactly(path):
     cols = 70_000
     q = np.full((16, cols), 127, np.int8)
     q[1::2] = -128
-    x = np.full((1, cols), 127, np.int16)
+    x = np.full((2, cols), 127, np.int16)
     got, want = exact_product(q, 8, "int", x)
     np.testing.assert_array_equal(got, want)
     assert want[0, 0] == np.float32(127 * 127 * cols)
 
 
-def test_qmatmul_long_k_is_exact(path):
-    """K far beyond one block, 8-bit extremes: the int32 sums must be exact."""
-    rng = np.random.default_rng(7)
-    m = QMatrix(rng.choice(np.array([-127, 127], np.int8), (9, 3000)), np.ones(9, np.float32), 8)
-    x = rng.choice(np.array([-1.0, 1.0], np.float32), (2, 3000))
-    assert_close(K.qmatmul(K.prepare(m), x), ref.qmatmul_ref(m, x))
+def test_threads_give_the_same_result(path):
+    """1 and 2 threads (the row blocks split between them; AMX tile state per thread) agree exactly."""
+    rng = np.random.default_rng(9)
+    m = random_qmatrix(rng, 300, 200, 4, "int")
+    km = K.prepare(m)
+    before = numba.get_num_threads()
+    try:
+        for batch in (1, 20):
+            x = rng.normal(size=(batch, 200)).astype(np.float32)
+            outs = []
+            for threads in sorted({1, numba.config.NUMBA_NUM_THREADS}):
+                numba.set_num_threads(threads)
+                outs.append(K.qmatmul(km, x))
+            for o in outs[1:]:
+                np.testing.assert_array_equal(o, outs[0])
+    finally:
+        numba.set_num_threads(before)
 
 
-# ----------------------------------------------------------------------------- LM step
+# ----------------------------------------------------------------------------- LSTM layer, embedding
 
-def random_lm(rng, vocab=50, hidden=24, layers=2, bits=4, tied=False, hard_gates=(), act_bits=8,
-              emb_scheme="int"):
-    scheme = "binary" if bits == 1 else "int"
-    emb = (random_qmatrix(rng, vocab, hidden, 32, "float", 0.3) if emb_scheme == "float"
-           else random_qmatrix(rng, vocab, hidden, bits, scheme, 0.3))
-    lstm = [QLSTMLayer(random_qmatrix(rng, 4 * hidden, hidden, bits, scheme, 0.3),
-                       random_qmatrix(rng, 4 * hidden, hidden, bits, scheme, 0.3),
-                       rng.normal(0, 0.3, 4 * hidden).astype(np.float32)) for _ in range(layers)]
-    dec = None if tied else random_qmatrix(rng, vocab, hidden, bits, scheme, 0.1)
-    return QuantLMWeights(emb, lstm, dec, rng.normal(0, 0.1, vocab).astype(np.float32),
-                          tuple(hard_gates), act_bits)
-
-
-def run_steps(w, batch, steps=5, seed=0):
-    rng = np.random.default_rng(seed)
-    km = K.prepare_lm(w)
-    h_ref, c_ref = ref.initial_state(w, batch)
-    h, c = h_ref.copy(), c_ref.copy()
-    for _ in range(steps):
-        tokens = rng.integers(0, w.vocab_size, batch)
-        logits_ref, h_ref, c_ref = ref.lm_step_ref(w, tokens, h_ref, c_ref)
-        logits = K.lm_step(km, tokens, h, c)
-        assert_close(logits, logits_ref)
-        assert_close(h, h_ref)
-        assert_close(c, c_ref)
-    return km
+def _lstm_layer(path, w_ih, w_hh, bias, hard, reverse, x, h, c):
+    """``lstm_layer_fwd`` on matrices packed the way the lstm program packs them."""
+    H = h.shape[1]
+    ctx = programs.BuildContext(isa.loop_id(path))
+    perm = programs._gate_major_perm(H)
+    ki, kh = ctx.pack(w_ih, perm, "unit-major"), ctx.pack(w_hh, perm, "unit-major")
+    out = np.full((x.shape[0], x.shape[1], H + 3), np.nan, np.float32)
+    lits = (ctx.loop, ki.bw, kh.bw)
+    args = (ki.data, ki.nlines, ki.scale, kh.data, kh.nlines, kh.scale, K.padded(bias[perm], 4 * H),
+            "i" in hard, "f" in hard, "o" in hard, reverse, x, h, c, out, 2)
+    pk.specialize(pk.lstm_layer_fwd, lits, args)(*lits, *args)
+    assert np.isnan(out[..., :2]).all() and np.isnan(out[..., 2 + H:]).all()
+    return out[..., 2:2 + H]
 
 
-@pytest.mark.parametrize("hard_gates", [(), ("i", "f"), ("i", "f", "o")])
-@pytest.mark.parametrize("tied", [False, True])
-def test_lm_step_matches_reference(path, hard_gates, tied):
-    rng = np.random.default_rng(len(hard_gates) + 10 * tied)
-    for bits in (1, 2, 4, 8):
-        w = random_lm(rng, bits=bits, tied=tied, hard_gates=hard_gates)
-        for batch in (1, 3):
-            assert run_steps(w, batch).fast
+@pytest.mark.parametrize("T,B", [(1, 1), (1, 3), (6, 1), (5, 20)])
+@pytest.mark.parametrize("hard", ["", "if", "ifo"])
+def test_lstm_layer_matches_reference(path, T, B, hard):
+    rng = np.random.default_rng(T * 10 + B + len(hard))
+    for In, H, bits_ih, bits_hh in ((30, 19, 4, 4), (70, 24, 8, 1)):
+        w_ih = random_qmatrix(rng, 4 * H, In, bits_ih, "binary" if bits_ih == 1 else "int", 0.3)
+        w_hh = random_qmatrix(rng, 4 * H, H, bits_hh, "binary" if bits_hh == 1 else "int", 0.3)
+        bias = rng.normal(0, 0.3, 4 * H).astype(np.float32)
+        x = rng.normal(0, 1, (T, B, In)).astype(np.float32)
+        h0, c0 = rng.normal(0, 0.5, (B, H)).astype(np.float32), rng.normal(0, 0.5, (B, H)).astype(np.float32)
+        for reverse in (False, True):
+            want, h_ref, c_ref = ref.lstm_layer_ref(w_ih, w_hh, bias, x, h0, c0, hard, 8, reverse=reverse)
+            h, c = h0.copy(), c0.copy()
+            got = _lstm_layer(path, w_ih, w_hh, bias, hard, reverse, x, h, c)
+            assert_close(got, want)
+            assert_close(h, h_ref)
+            assert_close(c, c_ref)
 
 
-def test_lm_step_mixed_widths_and_odd_sizes(path):
-    """Embedding wider than hidden (untied; binary wide enough for 1-bit storage), layers with
-    different bit widths, 1 and 3 layers."""
-    rng = np.random.default_rng(3)
-    for layers in (1, 3):
-        w = random_lm(rng, vocab=37, hidden=19, layers=layers, bits=4)
-        w.embedding = random_qmatrix(rng, 37, 1100, 1, "binary", 0.3)
-        w.layers[0].w_ih = random_qmatrix(rng, 76, 1100, 2, "ternary", 0.1)
-        w.layers[-1].w_hh = random_qmatrix(rng, 76, 19, 1, "binary", 0.1)
-        run_steps(w, batch=2)
-
-
-@pytest.mark.parametrize("act_bits,emb_scheme", [(None, "int"), (8, "float")])
-def test_lm_step_generic_path(act_bits, emb_scheme):
-    w = random_lm(np.random.default_rng(5), hard_gates=("i",), act_bits=act_bits, emb_scheme=emb_scheme)
-    assert not run_steps(w, batch=2).fast
-
-
-def test_lm_step_rejects_bad_state():
-    w = random_lm(np.random.default_rng(6))
-    km = K.prepare_lm(w)
-    h, c = ref.initial_state(w, 2)
-    with pytest.raises(ValueError):
-        K.lm_step(km, np.array([1, 2, 3]), h, c)
-    for bad in (-1, w.vocab_size):
-        with pytest.raises(ValueError):
-            K.lm_step(km, np.array([0, bad]), h, c)
+@pytest.mark.parametrize("bits,scheme", [(1, "binary"), (2, "ternary"), (4, "int"), (8, "int")])
+def test_embed_rows(bits, scheme):
+    rng = np.random.default_rng(bits)
+    m = random_qmatrix(rng, 37, 75, bits, scheme)
+    km = K.prepare(m)
+    tokens = np.array([0, 36, 5, 5, 17], np.int64)
+    out = np.empty((tokens.size, 75), np.float32)
+    pk.embed_fwd(km.data, km.nlines, km.bw, km.offset, km.mult, km.scale, tokens, out)
+    np.testing.assert_array_equal(out, m.scale[tokens, None] * m.q[tokens].astype(np.float32))
 
 
 # ----------------------------------------------------------------------------- loop selection
 
 def test_isa_names_and_ids():
-    assert isa.LOOPS == ("avx512-vnni", "avx-vnni", "avx2", "neon-dotprod", "neon", "portable")
+    assert isa.LOOPS == ("avx512-vnni", "avx-vnni", "avx2", "neon-dotprod", "neon", "portable", "amx-int8")
+    assert sorted(isa.PREFERENCE) == sorted(isa.LOOPS) and isa.PREFERENCE[-1] == "portable"
     for i, name in enumerate(isa.LOOPS):
         assert isa.loop_id(name) == i and isa.loop_name(i) == name
     assert isa.loop_id("vnni") == isa.AVX512_VNNI and isa.loop_id("fallback") == isa.PORTABLE
-    assert isa.loop_id(" AVX2 ") == isa.AVX2
-    with pytest.raises(ValueError, match="avx512-vnni, avx-vnni, avx2, neon-dotprod, neon, portable"):
+    assert isa.loop_id(" AVX2 ") == isa.AVX2 and isa.loop_id("amx-int8") == isa.AMX_INT8
+    with pytest.raises(ValueError, match="avx512-vnni, avx-vnni, avx2, neon-dotprod, neon, portable, amx-int8"):
         isa.loop_id("sse4")
     with pytest.raises(ValueError):
         isa.loop_name(len(isa.LOOPS))
@@ -275,17 +344,20 @@ def test_isa_names_and_ids():
 def test_host_loops_follow_the_features():
     loops, feats = isa.host_loops(), isa.host_features()
     assert loops[-1] == "portable" and len(set(loops)) == len(loops)
-    assert list(loops) == sorted(loops, key=isa.LOOPS.index)            # best first
+    assert list(loops) == sorted(loops, key=isa.PREFERENCE.index)        # best first
     if isa.machine() == "x86_64":
         assert ("avx2" in loops) == feats["avx2"]
         assert ("avx-vnni" in loops) == (feats["avx2"] and feats["avxvnni"])
-        assert ("avx512-vnni" in loops) == (feats["avx512f"] and feats["avx512bw"] and feats["avx512vnni"])
+        vnni = feats["avx512f"] and feats["avx512bw"] and feats["avx512vnni"]
+        assert ("avx512-vnni" in loops) == vnni
+        assert ("amx-int8" in loops) == (vnni and feats["amx-tile"] and feats["amx-int8"] and feats["amx-permitted"])
+        assert feats["amx-permitted"] == (feats["amx-tile"] and feats["amx-int8"] and isa.amx_permitted())
         assert not {"neon", "neon-dotprod"} & set(loops)
     elif isa.machine() == "aarch64":
         assert feats["source"] in ("auxv", "llvm")
         assert ("neon" in loops) == feats["asimd"]
         assert ("neon-dotprod" in loops) == (feats["asimd"] and feats["asimddp"])
-        assert not {"avx2", "avx-vnni", "avx512-vnni"} & set(loops)
+        assert not {"avx2", "avx-vnni", "avx512-vnni", "amx-int8"} & set(loops)
     d = isa.describe()
     assert d["loop"] == isa.default_loop() and d["host_loops"] == list(loops) and d["cpu"]
 
@@ -335,41 +407,59 @@ def test_env_var_errors_name_the_choices():
 
 # ----------------------------------------------------------------------------- generated code
 
-def _panel_caller(loop):
-    """A fresh (uncached) njit function calling ``panel_u4`` with a constant loop, for asm checks."""
+def _callers(loop):
+    """Fresh (uncached) njit functions calling each 4-bit kernel with a constant loop."""
+    gemv, gemm, amx = V.KERNELS["gemv", 4], V.KERNELS["gemm", 4], V.KERNELS["amx", 4]
+
     @njit
-    def f(w, x, out, scale):
-        V.panel_u4(w, 0, x, 0, 2, 0, np.float32(1.0), scale, 0, scale, 0, out, 0, 16, 0, loop)
+    def f(w, x, out, scale, sumx, sx, scratch, n):
+        gemv(w, 0, n, n, x, 0, sumx[0], sx[0], scale, 0, scale, 0, out, 0, 16 * n, 0, loop)
+        gemm(w, 0, n, n, x, 0, 16, n, sumx, 0, sx, 0, scale, 0, scale, 0, out, 0, 16, 16 * n, 0, loop)
+        if n > 2:                 # never at run time: the kernels' code is generated all the same
+            amx(w, 0, n, n, x, 0, 16, n, sumx, 0, sx, 0, scale, 0, scale, 0, out, 0, 16, 16 * n, 0, scratch, 0,
+                loop)
     return f
 
 
 @pytest.mark.parametrize("loop", HOST_LOOPS)
 def test_generated_code_uses_the_loop_instructions(loop):
-    """Each loop's kernel holds its own instructions and nothing wider: the avx2 and avx-vnni
-    kernels no zmm (their functions switch AVX-512 off), avx-vnni the VEX encoding."""
-    f = _panel_caller(isa.loop_id(loop))
-    w, x = np.zeros(16 * 128, np.uint8), np.zeros(256, np.int8)
-    out, scale = np.zeros(16, np.float32), np.ones(16, np.float32)
-    f(w, x, out, scale)
+    """Each loop's kernels hold its own instructions and nothing wider: the avx2 and avx-vnni
+    kernels no zmm (their functions switch AVX-512 off), avx-vnni the VEX encoding, neon-dotprod
+    ``sdot`` by element, amx-int8 ``tdpbsud`` in its batch kernel."""
+    f = _callers(isa.loop_id(loop))
+    w, x = np.zeros(64 * 64, np.uint8), np.zeros(16 * 64, np.int8)
+    out, scale = np.zeros(16 * 64, np.float32), np.ones(64, np.float32)
+    f(w, x, out, scale, np.zeros(16, np.int64), np.ones(16, np.float32), np.zeros(1, np.uint8), 2)
     asm = f.inspect_asm(f.signatures[0])
-    name = f"g2quant_panel_u4_{loop.replace('-', '_')}"
-    body = re.split(r"\n(?=[A-Za-z_$][\w.$]*:\n)", asm[asm.index(f"\n{name}:\n") + 1:])[0]
-    want = {"avx512-vnni": [r"vpdpbusd\s+%zmm"], "avx-vnni": [r"\{vex\}\s+vpdpbusd\s+%ymm"],
-            "avx2": [r"vpmaddubsw\s+%ymm", r"vpmaddwd\s+%ymm"], "neon-dotprod": [r"sdot\s+v\d+\.4s"],
+    tag = loop.replace("-", "_")
+
+    def body(kind):
+        name = f"g2quant_{kind}_u4_{tag}"
+        return re.split(r"\n(?=[A-Za-z_$][\w.$]*:\n)", asm[asm.index(f"\n{name}:\n") + 1:])[0]
+
+    want = {"avx512-vnni": [r"vpdpbusd\s+.*%zmm"], "amx-int8": [r"vpdpbusd\s+.*%zmm"],
+            "avx-vnni": [r"\{vex\}\s+vpdpbusd\s+.*%ymm"], "avx2": [r"vpmaddubsw\s+.*%ymm", r"vpmaddwd\s+.*%ymm"],
+            "neon-dotprod": [r"sdot\s+v\d+\.4s, v\d+\.16b, v\d+\.4b\[\d\]"],
             "neon": [r"smull2?\s+v\d+\.8h", r"[su]adalp\s+v\d+\.4s|saddlp\s+v\d+\.4s"], "portable": []}[loop]
-    for pattern in want:
-        assert re.search(pattern, body), (loop, pattern)
-    if loop in ("avx2", "avx-vnni"):
-        assert "zmm" not in body
-    if loop != "avx512-vnni":
-        assert not re.search(r"vpdpbusd\s+%zmm", body)
+    for kind in ("gemv", "gemm"):
+        code = body(kind)
+        for pattern in want:
+            assert re.search(pattern, code), (loop, kind, pattern)
+        if loop in ("avx2", "avx-vnni"):
+            assert "zmm" not in code
+        if loop not in ("avx512-vnni", "amx-int8"):
+            assert not re.search(r"vpdpbusd\s+.*%zmm", code)
+    if loop == "amx-int8":
+        assert re.search(r"tdpbsud\s+%tmm", body("amx")) and "tilerelease" in body("amx")
     np.testing.assert_array_equal(out, 0)
 
 
 def test_non_literal_loop_is_rejected():
+    gemv = V.KERNELS["gemv", 4]
+
     @njit
     def f(w, x, out, scale, loop):
-        V.panel_u4(w, 0, x, 0, 2, 0, np.float32(1.0), scale, 0, scale, 0, out, 0, 16, 0, loop)
+        gemv(w, 0, 2, 1, x, 0, 0, np.float32(1.0), scale, 0, scale, 0, out, 0, 16, 0, loop)
 
     @njit
     def g(w, x, out, scale, k):

@@ -11,14 +11,18 @@ loop            products                                                     nee
 avx512-vnni     ``vpdpbusd`` on zmm (u8 × s8, 4 products per i32 lane)       AVX512-VNNI + BW
 avx-vnni        VEX ``vpdpbusd`` on ymm                                      AVX-VNNI
 avx2            ``vpmaddubsw`` + ``vpmaddwd`` (8-bit codes: sign trick)      AVX2
-neon-dotprod    ``sdot`` on 128-bit vectors (codes made signed)              AArch64 asimddp
-neon            ``smull`` + ``saddlp`` (s16 products, pairwise-widened)      AArch64 asimd
+neon-dotprod    ``sdot`` by element (codes made signed)                      AArch64 asimddp
+neon            ``smull`` + ``sadalp`` (s16 products, pairwise-widened)      AArch64 asimd
 portable        plain vector IR: i16 products, widened to i32                any LLVM target
+amx-int8        batch 1 as avx512-vnni, batches on AMX tiles (``tdpbsud``)   the above + AMX-INT8
+                                                                             and the kernel's
+                                                                             permission
 ==============  ===========================================================  =================
 
-``host_loops()`` lists the loops this CPU can execute, best first: on x86 from LLVM's host
-feature detection, on AArch64 from the kernel's auxiliary vector (``getauxval(AT_HWCAP)`` bit 1
-asimd, bit 20 asimddp), because LLVM reports a "generic" CPU without features under emulation.
+``host_loops()`` lists the loops this CPU can execute, best first (``PREFERENCE``): on x86 from
+LLVM's host feature detection (AMX also needs Linux to grant this process the tile data state,
+``arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)``, requested once here), on AArch64 from
+the kernel's auxiliary vector (``getauxval(AT_HWCAP)`` bit 1 asimd, bit 20 asimddp), because LLVM reports a "generic" CPU without features under emulation.
 ``default_loop()`` is the best of them unless ``$G2QUANT_KERNEL`` names another (old names:
 ``vnni`` = avx512-vnni, ``fallback`` = portable). Each loop's kernel functions carry the target
 features of that loop, so a loop compiles whatever CPU Numba targets (``NUMBA_CPU_NAME``) as
@@ -33,16 +37,19 @@ import platform
 
 import llvmlite.binding as llvm
 
-LOOPS = ("avx512-vnni", "avx-vnni", "avx2", "neon-dotprod", "neon", "portable")
+LOOPS = ("avx512-vnni", "avx-vnni", "avx2", "neon-dotprod", "neon", "portable", "amx-int8")
+PREFERENCE = ("amx-int8", "avx512-vnni", "avx-vnni", "avx2", "neon-dotprod", "neon", "portable")
 ALIASES = {"vnni": "avx512-vnni", "fallback": "portable"}
 ENV_VAR = "G2QUANT_KERNEL"
 
-AVX512_VNNI, AVX_VNNI, AVX2, NEON_DOTPROD, NEON, PORTABLE = range(len(LOOPS))
+AVX512_VNNI, AVX_VNNI, AVX2, NEON_DOTPROD, NEON, PORTABLE, AMX_INT8 = range(len(LOOPS))
 
 # x86 features (LLVM names) each x86 loop needs
-_X86_NEEDS = {"avx512-vnni": ("avx512f", "avx512bw", "avx512vnni"), "avx-vnni": ("avx2", "avxvnni"),
+_X86_NEEDS = {"amx-int8": ("avx512f", "avx512bw", "avx512vnni", "amx-tile", "amx-int8", "amx-permitted"),
+              "avx512-vnni": ("avx512f", "avx512bw", "avx512vnni"), "avx-vnni": ("avx2", "avxvnni"),
               "avx2": ("avx2",)}
-_X86_REPORTED = ("avx2", "avx512f", "avx512bw", "avx512vl", "avx512vnni", "avxvnni", "avxvnniint8", "amx-int8")
+_X86_REPORTED = ("avx2", "avx512f", "avx512bw", "avx512vl", "avx512vnni", "avxvnni", "avxvnniint8", "amx-tile",
+                 "amx-int8")
 _AT_HWCAP = 16
 _HWCAP_ASIMD, _HWCAP_ASIMDDP, _HWCAP_SVE = 1 << 1, 1 << 20, 1 << 22
 _AT_HWCAP2, _HWCAP2_I8MM = 26, 1 << 13
@@ -87,6 +94,27 @@ def _auxv(kind: int) -> int | None:
     return int(fn(kind))
 
 
+_SYS_ARCH_PRCTL, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA = 158, 0x1023, 18
+_amx_permission: bool | None = None
+
+
+def amx_permitted() -> bool:
+    """Ask Linux (once per process) for the AMX tile data state; True when granted. Without it
+    the first tile instruction would kill the process."""
+    global _amx_permission
+    if _amx_permission is None:
+        ok = False
+        if machine() == "x86_64" and platform.system() == "Linux":
+            try:
+                libc = ctypes.CDLL(None, use_errno=True)
+                ok = libc.syscall(ctypes.c_long(_SYS_ARCH_PRCTL), ctypes.c_long(_ARCH_REQ_XCOMP_PERM),
+                                  ctypes.c_long(_XFEATURE_XTILEDATA)) == 0
+            except (OSError, AttributeError):
+                ok = False
+        _amx_permission = ok
+    return _amx_permission
+
+
 def _llvm_features() -> dict:
     try:
         return {k: bool(v) for k, v in llvm.get_host_cpu_features().items()}
@@ -108,22 +136,24 @@ def host_features() -> dict:
                 "sve": bool(hw & _HWCAP_SVE), "i8mm": bool(hw2 & _HWCAP2_I8MM), "source": "auxv"}
     if arch in ("x86_64", "i686", "i386"):
         f = _llvm_features()
-        return {k: f.get(k, False) for k in _X86_REPORTED}
+        out = {k: f.get(k, False) for k in _X86_REPORTED}
+        out["amx-permitted"] = bool(out["amx-tile"] and out["amx-int8"] and amx_permitted())
+        return out
     return {}
 
 
 def host_loops() -> tuple[str, ...]:
-    """The loops this CPU can execute, best first (``portable`` always last)."""
+    """The loops this CPU can execute, best first (``PREFERENCE`` order, ``portable`` last)."""
     arch, feats = machine(), host_features()
-    loops = []
+    loops = {"portable"}
     if arch == "x86_64":
-        loops = [name for name, needs in _X86_NEEDS.items() if all(feats.get(f) for f in needs)]
+        loops |= {name for name, needs in _X86_NEEDS.items() if all(feats.get(f) for f in needs)}
     elif arch == "aarch64":
         if feats.get("asimd") and feats.get("asimddp"):
-            loops.append("neon-dotprod")
+            loops.add("neon-dotprod")
         if feats.get("asimd"):
-            loops.append("neon")
-    return tuple(loops) + ("portable",)
+            loops.add("neon")
+    return tuple(name for name in PREFERENCE if name in loops)
 
 
 def default_loop() -> str:

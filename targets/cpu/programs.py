@@ -16,7 +16,6 @@ from ..ops import lstm_dims, lstm_param_names
 from ..qweights import QMatrix
 from ..reference import REFERENCE
 from . import kernels, program_kernels as pk
-from .kernels_vnni import PANEL_ROWS
 
 PROGRAMS: dict[str, Callable] = {}
 
@@ -48,14 +47,12 @@ class BuildContext:
         return hit[1]
 
 
-def _padded(v: np.ndarray, rows: int) -> np.ndarray:
-    out = np.zeros(-(-rows // PANEL_ROWS) * PANEL_ROWS, np.float32)
-    out[:v.size] = v
-    return out
+_padded = kernels.padded
 
 
 def fast_matrix(m: QMatrix) -> bool:
-    return m.scheme != "float"
+    """True when the kernels take ``m`` (integer codes within the kernels' column limit)."""
+    return kernels.fits(m.bits, m.scheme, m.shape[1])
 
 
 @register_program("embedding")
@@ -69,7 +66,7 @@ def _embedding(graph, node, ctx: BuildContext):
     def fn(inputs, states):
         toks = inputs[0]
         out = np.empty(toks.shape + (E,), np.float32)
-        pk.embed_fwd(km.data, km.nchunks, km.bw, km.offset, km.mult, km.scale, toks.reshape(-1),
+        pk.embed_fwd(km.data, km.nlines, km.bw, km.offset, km.mult, km.scale, toks.reshape(-1),
                      out.reshape(-1, E))
         return out
     return fn
@@ -91,7 +88,7 @@ def _linear(graph, node, ctx: BuildContext):
         lead = x.shape[:-1]
         x2 = np.ascontiguousarray(x.reshape(-1, K), dtype=np.float32)
         out = np.empty((x2.shape[0], R), np.float32)
-        args = (km.data, km.nchunks, km.scale, bias, has_bias, x2, out)
+        args = (km.data, km.nlines, km.scale, bias, has_bias, x2, out)
         if not kernel:
             kernel.append(pk.specialize(pk.linear_fwd, lits, args))
         kernel[0](*lits, *args)
@@ -129,7 +126,7 @@ def _lstm(graph, node, ctx: BuildContext):
                 k = layer * D + d
                 ki, kh, bias = layers[k]
                 lits = (ctx.loop, ki.bw, kh.bw)
-                args = (ki.data, ki.nchunks, ki.scale, kh.data, kh.nchunks, kh.scale, bias, hi, hf, ho, d == 1,
+                args = (ki.data, ki.nlines, ki.scale, kh.data, kh.nlines, kh.scale, bias, hi, hf, ho, d == 1,
                         x, h[k], c[k], out, d * H)
                 if kernels_[k] is None:
                     kernels_[k] = pk.specialize(pk.lstm_layer_fwd, lits, args)
