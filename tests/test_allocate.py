@@ -1,0 +1,108 @@
+"""Bit allocation: the exact knapsack against brute force, budgets respected with the target's own
+size rule, sensitivities measured, bad budgets rejected clearly."""
+import itertools
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import g2quant
+from g2quant.allocate import (Allocation, allocate, block_bytes, pareto_front, parse_budget, sensitivity,
+                              weight_blocks)
+from g2quant.models import LMConfig, WordLM
+
+
+def _brute(options, budget):
+    best = None
+    names = list(options)
+    for combo in itertools.product(*(options[n].items() for n in names)):
+        cost = sum(c for _, (c, _) in combo)
+        sens = sum(s for _, (_, s) in combo)
+        if cost <= budget and (best is None or sens < best[0] - 1e-12):
+            best = (sens, cost)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_pareto_knapsack_equals_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    options = {f"b{i}": {w: (float(rng.integers(1, 50)), float(rng.random())) for w in "abcd"} for i in range(5)}
+    front = pareto_front(options)
+    assert all(np.diff(front.cost) > 0) and all(np.diff(front.sens) < 0)          # a true front
+    for budget in (5, 40, 90, 150, 250):
+        want = _brute(options, budget)
+        if want is None:
+            with pytest.raises(ValueError, match="no allocation fits"):
+                front.best_within(budget)
+            continue
+        i = front.best_within(budget)
+        assert abs(front.sens[i] - want[0]) < 1e-12 and front.cost[i] <= budget
+        picked = front.choices[i]
+        assert sum(options[b][w][0] for b, w in picked.items()) == front.cost[i]
+
+
+@pytest.mark.parametrize("text,want", [("2.5MB", ("bytes", 2.5e6)), ("800KiB", ("bytes", 819200.0)),
+                                       ("150us", ("latency", 1.5e-4)), (1234, ("bytes", 1234.0))])
+def test_parse_budget(text, want):
+    kind, v = parse_budget(text)
+    assert kind == want[0] and abs(v - want[1]) < 1e-9 * max(1, want[1])
+
+
+@pytest.mark.parametrize("bad,message", [("-3MB", "not a number"), ("0MB", "must be positive"),
+                                         ("3 parsecs", "unknown unit"), ("lots", "not a number")])
+def test_bad_budgets(bad, message):
+    with pytest.raises(ValueError, match=message):
+        parse_budget(bad)
+
+
+@pytest.fixture(scope="module")
+def lm_and_sens():
+    torch.manual_seed(0)
+    m = WordLM(LMConfig(vocab_size=60, emb_size=16, hidden_size=16, gates="gumbel")).eval()
+    tokens = np.random.default_rng(0).integers(0, 60, 600)
+    return m, sensitivity(m, tokens, widths=(8, 4, 2, "binary"), batch_size=4, bptt=10)
+
+
+def test_blocks_and_sensitivities(lm_and_sens):
+    m, s = lm_and_sens
+    names = [b["name"] for b in s["blocks"]]
+    assert names == ["embedding.weight", "rnn.weight_ih_l0", "rnn.weight_hh_l0", "rnn.weight_ih_l1",
+                     "rnn.weight_hh_l1", "decoder.weight"]
+    assert all(set(d) == {"8", "4", "2", "binary"} for d in s["delta"].values())
+    assert all(abs(d["8"]) < 0.02 for d in s["delta"].values())          # 8 bits: near lossless
+    assert any(abs(d["binary"]) > 10 * abs(d["8"]) for d in s["delta"].values())
+    # each block is restored after its measurement: a second pass gives the same table
+    tokens = np.random.default_rng(0).integers(0, 60, 600)
+    again = sensitivity(m, tokens, widths=(8, 4, 2, "binary"), batch_size=4, bptt=10)
+    assert again["delta"] == s["delta"] and again["base_loss"] == s["base_loss"]
+    gates = weight_blocks(m, "gate")
+    assert len(gates) == 2 + 4 * 4 and gates[1].name == "rnn.weight_ih_l0[i]" and gates[1].shape == (16, 16)
+
+
+def test_allocation_fits_the_budget_exactly_as_the_target_stores_it(lm_and_sens, tmp_path):
+    m, s = lm_and_sens
+    smallest = g2quant.quantize(m, bits="binary").size_bytes()
+    largest = g2quant.quantize(m, bits=8).size_bytes()
+    for budget in np.linspace(smallest, largest, 5):
+        a = allocate(m, sens=s, budget=float(budget))
+        q = g2quant.quantize(m, bits=a.bits_map())
+        assert q.size_bytes() <= budget + 1e-6, (q.size_bytes(), budget)
+        assert abs(q.size_bytes() - a.predicted["bytes"]) < 1e-6                    # predicted = actual
+    with pytest.raises(ValueError, match="no allocation fits"):
+        allocate(m, sens=s, budget=smallest / 2)
+    a.save(tmp_path / "a.json")
+    assert Allocation.load(tmp_path / "a.json").widths == a.widths
+    # a mixed-width model exports and its engine equals torch
+    p = q.export(tmp_path / "mixed.g2q")
+    x = torch.randint(0, 60, (7, 3))
+    eng = g2quant.load(p)
+    y, _ = eng.run(x.numpy())
+    assert float(np.abs(y - q(x)[0].detach().numpy()).max()) < 2e-3 * max(1.0, float(q(x)[0].abs().max()))
+
+
+def test_block_bytes_match_the_targets(lm_and_sens):
+    _, s = lm_and_sens
+    b = s["blocks"][1]
+    assert block_bytes(b, 4, "cpu") == 64 * 8 + 4 * 64          # 64 rows of 16 nibbles + row scales
+    assert block_bytes(b, 3, "cpu") == block_bytes(b, 4, "cpu")   # 3-bit is stored in nibbles
