@@ -101,7 +101,7 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict, dict]:
 # model kinds stored in checkpoints: kind -> builder(config dict) -> nn.Module; the built-in
 # kinds are registered by their model modules, imported on first use
 MODELS: dict = {}
-BUILTIN_MODELS = {"word_lm": "g2quant.models.lm"}
+BUILTIN_MODELS = {"word_lm": "g2quant.models.lm", "seq2seq": "g2quant.models.seq2seq"}
 QUANTIZED_PREFIX = "quantized_"
 
 

@@ -275,6 +275,9 @@ def _eval_checkpoint(args, data_ids) -> int:
 
     _set_torch_threads(args)
     model, record = _load_model(args.model)
+    if record.get("kind") not in ("word_lm", "quantized_word_lm"):
+        raise CLIError(f"{args.model} is a {record.get('kind')!r} checkpoint; `eval` measures language-model "
+                       "perplexity (for translation models use `g2quant eval-mt`)")
     lstms = [m for m in model.modules() if isinstance(m, (G2LSTM, G2GRU))]
     if args.hard_gates:
         for m in lstms:
@@ -486,6 +489,13 @@ def build_parser() -> argparse.ArgumentParser:
     i = add("info", cli_deploy.cmd_info, "what an artifact holds: target, graph, sizes, validation")
     i.add_argument("artifact", help="a NAME.g2q artifact directory")
     i.add_argument("--json", action="store_true", help="print the manifest (without the file table) as JSON")
+
+    try:                                         # translation commands (need torch)
+        from . import cli_mt
+    except ImportError:
+        cli_mt = None
+    if cli_mt is not None:
+        cli_mt.add_commands(add)
     return ap
 
 

@@ -197,7 +197,6 @@ class QuantG2GRU(G2GRU):
         self.wq = nn.ModuleDict()
         self.act_in = nn.ModuleList([ActQuant(**act) for _ in range(self.num_layers)]) if act else nn.ModuleList()
         self.act_h = nn.ModuleList([ActQuant(**act) for _ in range(self.num_layers)]) if act else nn.ModuleList()
-        self._qcache = None
 
     @classmethod
     def convert(cls, gru: nn.GRU | G2GRU, act: dict | None) -> "QuantG2GRU":
@@ -216,7 +215,8 @@ class QuantG2GRU(G2GRU):
 
     def layer_weights(self, layer: int, direction: int):
         names = self._flat_names[layer * (2 if self.bidirectional else 1) + direction]
-        q = lambda n: self.wq[n](getattr(self, n)) if n in self.wq else getattr(self, n)  # noqa: E731
+        from .qmodules import cached_quant
+        q = lambda n: cached_quant(self, n, getattr(self, n), self.wq[n]) if n in self.wq else getattr(self, n)  # noqa: E731
         if not self.bias:
             return q(names[0]), q(names[1]), None, None
         return q(names[0]), q(names[1]), getattr(self, names[2]), getattr(self, names[3])

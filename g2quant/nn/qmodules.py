@@ -16,6 +16,24 @@ from .quant import WeightQuantizer
 from .recurrence import ACT_QMAX, act_quant_ste
 
 
+def cached_quant(module: nn.Module, key: str, weight: torch.Tensor, quantizer) -> torch.Tensor:
+    """``quantizer(weight)``, remembered while nothing could have changed it: in eval mode and when no
+    gradient is being recorded, keyed by the weight's and the quantizer's parameter versions (an
+    in-place update, e.g. ``load_state_dict``, recomputes). Decoding step by step then does not
+    re-quantize every matrix at every step."""
+    if module.training or (torch.is_grad_enabled() and (weight.requires_grad or any(
+            p.requires_grad for p in quantizer.parameters()))):
+        return quantizer(weight)
+    cache = module.__dict__.setdefault("_qcache", {})
+    stamp = (weight._version, weight.data_ptr(), tuple((p._version, p.data_ptr()) for p in quantizer.parameters()))
+    hit = cache.get(key)
+    if hit is not None and hit[0] == stamp:
+        return hit[1]
+    q = quantizer(weight).detach()
+    cache[key] = (stamp, q)
+    return q
+
+
 class ActQuant(nn.Module):
     """Symmetric int8 activation quantizer for the input of a matrix product.
 
@@ -113,7 +131,7 @@ class QuantG2LSTM(G2LSTM):
 
     def _q(self, name: str) -> torch.Tensor:
         w = getattr(self, name)
-        return self.wq[name](w) if name in self.wq else w
+        return cached_quant(self, name, w, self.wq[name]) if name in self.wq else w
 
     def layer_weights(self, layer: int, direction: int):
         names = self._flat_names[layer * (2 if self.bidirectional else 1) + direction]
@@ -148,7 +166,7 @@ class QuantLinear(nn.Module):
         self.act_in = ActQuant(**act) if act is not None else None
 
     def qweight(self) -> torch.Tensor:
-        return self.wq(self.weight) if self.wq is not None else self.weight
+        return cached_quant(self, "weight", self.weight, self.wq) if self.wq is not None else self.weight
 
     def forward(self, x):
         if self.act_in is not None:
@@ -172,7 +190,7 @@ class QuantEmbedding(nn.Module):
         self.wq = weight_quant
 
     def qweight(self) -> torch.Tensor:
-        return self.wq(self.weight) if self.wq is not None else self.weight
+        return cached_quant(self, "weight", self.weight, self.wq) if self.wq is not None else self.weight
 
     def forward(self, idx):
         return nn.functional.embedding(idx, self.qweight(), self.padding_idx)
