@@ -198,6 +198,9 @@ def cmd_export(args) -> int:
 
     _set_torch_threads(args)
     model, record = _load_model(args.checkpoint)
+    if str(record.get("kind", "")).endswith("seq2seq"):
+        from .cli_mt import export_seq2seq_cmd
+        return export_seq2seq_cmd(args, model, record)
     try:
         if isinstance(model, QuantizedModel):
             q = model

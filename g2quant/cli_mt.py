@@ -30,6 +30,11 @@ def _cli():
     return cli
 
 
+def _is_artifact(path) -> bool:
+    from .cli_deploy import is_artifact
+    return is_artifact(path)
+
+
 def _data_flags(p, default):
     p.add_argument("--data", choices=["multi30k", "iwslt14"], default=default,
                    help="corpus: multi30k (Multi30k De-En task 1) or iwslt14 (fairseq form, joint 10k BPE); from "
@@ -154,8 +159,22 @@ def load_data(args, name: str):
 
 
 def _load_mt_model(path):
-    from .models import seq2seq  # noqa: F401  (registers the seq2seq checkpoint kind)
+    """``(model, record, src_vocab, tgt_vocab, bpe)`` of a checkpoint (torch) or an artifact (its
+    torch-free runtime; ``record`` then holds the artifact's recorded figures)."""
     from .data.translation import BPE, Vocab
+    from .cli_deploy import is_artifact
+    if is_artifact(path):
+        from .targets.artifact import ArtifactError
+        from .targets.base import load
+        try:
+            rt = load(path)
+        except ArtifactError as exc:
+            raise CLIError(f"cannot load {path}: {exc}") from None
+        if not hasattr(rt, "translate_ids") or rt.src_vocab is None or rt.tgt_vocab is None or rt.bpe_codes is None:
+            raise CLIError(f"{path} is not a translation artifact with vocabularies and BPE codes")
+        record = {"kind": "seq2seq-artifact", **(rt.manifest.get("validation") or {})}
+        return rt, record, Vocab(rt.src_vocab), Vocab(rt.tgt_vocab), BPE(rt.bpe_codes)
+    from .models import seq2seq  # noqa: F401  (registers the seq2seq checkpoint kind)
     model, record = _cli()._load_model(path)
     if "vocab" not in record or "bpe_codes" not in record:
         raise CLIError(f"{path} is not a translation checkpoint (kind {record.get('kind')!r}; it has no vocabularies "
@@ -169,6 +188,11 @@ def _load_mt_model(path):
 
 
 def _set_hard_gates(model, gates: str) -> str:
+    if not hasattr(model, "modules"):                     # an artifact: its gates were fixed at export
+        if gates:
+            raise CLIError("--hard-gates applies to checkpoints; an artifact's gates are fixed at export")
+        node = next((n for n in model.parts["decoder"].graph.nodes if n.op == "lstm"), None)
+        return (node.attrs.get("hard_gates") if node is not None else "") or "none"
     from .nn.g2lstm import G2LSTM
     lstms = [m for m in model.modules() if isinstance(m, G2LSTM)]
     if gates:
@@ -224,7 +248,8 @@ def cmd_train_mt(args) -> int:
 def cmd_translate(args) -> int:
     from .evaluate_mt import translate_lines
 
-    _cli()._set_torch_threads(args)
+    if not _is_artifact(args.checkpoint):
+        _cli()._set_torch_threads(args)
     model, record, src_vocab, tgt_vocab, bpe = _load_mt_model(args.checkpoint)
     _set_hard_gates(model, args.hard_gates)
     try:
@@ -256,7 +281,8 @@ def cmd_eval_mt(args) -> int:
     from .data.translation import tokenized_split
     from .evaluate_mt import corpus_bleu, translate_lines
 
-    _cli()._set_torch_threads(args)
+    if not _is_artifact(args.checkpoint):
+        _cli()._set_torch_threads(args)
     model, record, src_vocab, tgt_vocab, bpe = _load_mt_model(args.checkpoint)
     hard = _set_hard_gates(model, args.hard_gates)
     trained_on = str(record.get("data", "?"))
@@ -270,7 +296,8 @@ def cmd_eval_mt(args) -> int:
         raise CLIError(str(exc)) from None
     if args.limit:
         src, refs = src[:args.limit], refs[:args.limit]
-    say(args, f"translating {len(src):,} {name} {args.split} sentences (beam {args.beam}, torch)")
+    backend = "torch" if not _is_artifact(args.checkpoint) else f"artifact, {model.backend}"
+    say(args, f"translating {len(src):,} {name} {args.split} sentences (beam {args.beam}, {backend})")
     hyps = translate_lines(model, src, src_vocab, tgt_vocab, bpe, beam=args.beam, batch_size=args.batch_size)
     b = corpus_bleu(hyps, refs)
     notes = []
@@ -285,10 +312,63 @@ def cmd_eval_mt(args) -> int:
         print(json.dumps({"model": str(args.checkpoint), "data": name, "split": args.split, "bleu": b.score,
                           "signature": b.signature, "details": b.details, "beam": args.beam,
                           "sentences": len(hyps), "hard_gates": hard, "trained_on": trained_on, "notes": notes,
-                          "backend": "torch"}, indent=2))
+                          "backend": backend}, indent=2))
     else:
         print(f"{name} {args.split}: BLEU {b.score:.2f} (beam {args.beam}, {len(hyps)} sentences, tokenized "
-              f"lowercased after BPE removal; hard gates: {hard}; torch)\n  signature: {b.signature}\n  {b.details}")
+              f"lowercased after BPE removal; hard gates: {hard}; {backend})\n  signature: {b.signature}\n  {b.details}")
         for n in notes:
             print(f"  note: {n}")
+    return 0
+
+
+def export_seq2seq_cmd(args, model, record) -> int:
+    """``g2quant export`` of a translation checkpoint: quantize, check the artifact's translations
+    against torch's on the test split (unless ``--no-validate``), write, report."""
+    from .api import QuantizedModel, quantize
+    from .data.download import DataError
+    from .data.translation import BPE, Vocab, tokenized_split
+    from .evaluate_mt import corpus_bleu, translate_lines
+    from .export_seq2seq import export_seq2seq, lower_seq2seq
+    from .lower import ExportError
+    from .targets.cpu.engine import Engine
+    from .targets.seq2seq import Seq2SeqRuntime
+
+    if args.target != "cpu":
+        raise CLIError(f"translation models export to the cpu target, not {args.target!r}")
+    try:
+        src_vocab, tgt_vocab = Vocab(record["vocab"]["src"]), Vocab(record["vocab"]["tgt"])
+        codes = record["bpe_codes"]
+        bpe = BPE(codes)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CLIError(f"{args.checkpoint}: no usable vocabularies / BPE codes in the checkpoint ({exc})") from None
+    try:
+        q = model if isinstance(model, QuantizedModel) else quantize(model, bits=args.bits, hard_gates=args.hard_gates)
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
+    data = str(record.get("data", "multi30k"))
+    validation = {"data": data}
+    if not args.no_validate:
+        name = "iwslt14" if data.startswith("iwslt14") else data
+        try:
+            src, refs = tokenized_split(name, "test", getattr(args, "data_dir", None),
+                                        download=not getattr(args, "no_download", False))
+        except DataError as exc:
+            raise CLIError(str(exc)) from None
+        say(args, f"validating on {name} test ({len(src)} sentences, beam 5): torch quantized model, then the artifact")
+        hyps_t = translate_lines(q, src, src_vocab, tgt_vocab, bpe, beam=5)
+        graphs, mdesc = lower_seq2seq(q)
+        rt = Seq2SeqRuntime({k: Engine(g) for k, g in graphs.items()}, mdesc)
+        hyps_e = translate_lines(rt, src, src_vocab, tgt_vocab, bpe, beam=5)
+        bt, be = corpus_bleu(hyps_t, refs), corpus_bleu(hyps_e, refs)
+        same = sum(a == b for a, b in zip(hyps_t, hyps_e)) / max(1, len(src))
+        validation.update({"test_bleu_quantized_torch": bt.score, "test_bleu_artifact": be.score,
+                           "test_identical_translations": same, "bleu_signature": be.signature, "beam": 5})
+    try:
+        path = export_seq2seq(q, args.out, src_vocab=list(src_vocab.tokens), tgt_vocab=list(tgt_vocab.tokens),
+                              bpe_codes=codes, validation=validation)
+    except ExportError as exc:
+        raise CLIError(str(exc)) from None
+    print(f"wrote {path}: {q.size_bytes() / 1e6:.2f} MB deployable (float {q.float_size_bytes() / 1e6:.2f} MB)")
+    for k, v in validation.items():
+        print(f"  {k}: {v:.4f}" if isinstance(v, float) else f"  {k}: {v}")
     return 0

@@ -39,7 +39,12 @@ def corpus_bleu(hypotheses: Sequence[str], references: Sequence[str]) -> BleuSco
 def translate_ids(model, sources: Sequence[np.ndarray], *, beam: int = 5, batch_size: int = 64,
                   max_len: int | None = None, progress: bool = False) -> list[list[int]]:
     """Translate id sequences (each ending with ``</s>``) in batches of equal source length;
-    returns target ids without ``</s>``, in input order. ``beam=1`` is greedy decoding."""
+    returns target ids without ``</s>``, in input order. ``beam=1`` is greedy decoding. ``model``
+    may also be a torch-free seq2seq artifact runtime (``g2quant.load("mt.g2q")``)."""
+    if hasattr(model, "translate_ids"):
+        if len(sources) and min(len(s) for s in sources) < 1:
+            raise ValueError("cannot translate an empty source sequence")
+        return model.translate_ids([list(map(int, s)) for s in sources], beam=beam, batch_size=batch_size)
     import torch
 
     from .models.seq2seq import beam_search, greedy_decode

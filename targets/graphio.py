@@ -205,3 +205,80 @@ def parse_vocab(data: bytes, name: str = VOCAB_FILE) -> list[str]:
         return check_vocab(words)
     except ValueError as exc:
         raise ArtifactError(f"{name}: {exc}") from None
+
+
+# ----------------------------------------------------------------------------- several graphs
+
+def write_model_artifact(path, graphs: dict[str, Graph], *, target: str, codec: MatrixCodec, model: dict,
+                         files: dict[str, bytes] | None = None, validation: dict | None = None,
+                         meta: dict | None = None) -> Path:
+    """A model made of several graphs that share one parameter table (e.g. a seq2seq model's
+    encoder and decoder-step parts); ``model`` describes how a runtime composes them."""
+    params: dict = {}
+    for gname, g in graphs.items():
+        validate(g)
+        check_finite(g)
+        for pname, p in g.params.items():
+            if pname in params and params[pname] is not p:
+                raise ValueError(f"graph {gname!r}: parameter {pname!r} differs from another graph's of that name")
+            params[pname] = p
+    tensors, table = {}, {}
+    for name, p in params.items():
+        if isinstance(p, QMatrix):
+            ts, entry = codec.encode(name, p)
+            table[name] = {"kind": "qmatrix", "shape": list(p.shape), **entry}
+            tensors.update(ts)
+        else:
+            arr = np.ascontiguousarray(p, dtype=np.float32)
+            tensors[name] = arr
+            table[name] = {"kind": "array", "shape": list(arr.shape), "tensor": name}
+    manifest = {"target": target, "model": dict(model), "graphs": {k: g.to_json() for k, g in graphs.items()},
+                "params": table, "validation": dict(validation or {}), "meta": dict(meta or {}), "tensors": {}}
+    return write_artifact(path, manifest, tensors, dict(files or {}))
+
+
+def read_model_artifact(path, codec: MatrixCodec, *, target: str | None = None):
+    """``(graphs, files, manifest)`` of an artifact written by :func:`write_model_artifact`, every
+    graph validated from shapes before the weights are read."""
+    head = read_manifest(path)
+    if target is not None and head.get("target") != target:
+        raise ArtifactError(f"manifest.json: target is {head.get('target')!r}; this runtime runs {target!r} artifacts")
+    gjs = head.get("graphs")
+    _need(isinstance(gjs, dict) and gjs, "'graphs' must be a non-empty object")
+    graphs, expected, entries = {}, {}, None
+    used: set = set()
+    for name, gj in gjs.items():
+        _need(isinstance(gj, dict), f"graphs.{name} must be an object")
+        g, exp, entries = _graph_from_json({"graph": gj, "params": head.get("params"), "meta": {}}, codec)
+        g.params = {k: v for k, v in g.params.items() if k in {p for n in g.nodes for p in n.params.values()}}
+        try:
+            validate(g)
+        except GraphError as exc:
+            raise ArtifactError(f"manifest.json: graphs.{name}: {exc}") from None
+        used |= set(g.params)
+        expected.update(exp)
+        graphs[name] = g
+    unused = sorted(set(entries) - used)
+    _need(not unused, f"parameters not used by any graph: {unused}")
+    listed = head.get("tensors", {})
+    for tname, (dtype, shape) in expected.items():
+        e = listed.get(tname)
+        _need(isinstance(e, dict) and e.get("dtype") == dtype and tuple(e.get("shape", ())) == tuple(shape),
+              f"tensor {tname!r} must be {dtype} {list(shape)}, the manifest lists {e}")
+    _need(not sorted(set(listed) - set(expected)), f"tensors not used by any parameter: {sorted(set(listed) - set(expected))}")
+    man, tensors, files = load_artifact(path)
+    values = {}
+    for name, entry in entries.items():
+        try:
+            values[name] = codec.decode(name, entry, tensors) if entry["kind"] == "qmatrix" else \
+                np.array(tensors[entry["tensor"]], dtype=np.float32)
+        except ValueError as exc:
+            raise ArtifactError(f"{name}: {exc}") from None
+    for name, g in graphs.items():
+        g.params = {k: values[k] for k in g.params}
+        try:
+            validate(g)
+            check_finite(g)
+        except GraphError as exc:
+            raise ArtifactError(f"weights.safetensors: graphs.{name}: {exc}") from None
+    return graphs, files, man

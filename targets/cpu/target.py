@@ -108,9 +108,42 @@ def read(path):
     return read_graph_artifact(path, CODEC, target=NAME)
 
 
+def write_model(graphs: dict, path, *, model: dict, files: dict | None = None, validation: dict | None = None,
+                meta: dict | None = None) -> Path:
+    """A model of several graphs (a seq2seq model's parts) as one cpu artifact."""
+    from ..graphio import write_model_artifact
+    for g in graphs.values():
+        check(g)
+    return write_model_artifact(path, graphs, target=NAME, codec=CODEC, model=model, files=files,
+                                validation=validation, meta=meta)
+
+
 def load(path, **options):
+    from ..artifact import read_manifest
     from .engine import Engine
+    if "graphs" in read_manifest(path):
+        return load_model(path, **options)
     return Engine.load(path, **options)
+
+
+def load_model(path, *, backend: str = "auto", threads: int | None = None, on_compile=None, **_ignored):
+    """A several-graph artifact: its model kind's runtime over one Engine per graph."""
+    from ..graphio import parse_vocab, read_model_artifact
+    from ..seq2seq import Seq2SeqRuntime
+    from .engine import Engine
+    graphs, files, man = read_model_artifact(path, CODEC, target=NAME)
+    model = man.get("model") or {}
+    if model.get("kind") != "seq2seq":
+        raise ArtifactError(f"manifest.json: unknown model kind {model.get('kind')!r} (known: 'seq2seq')")
+    parts = {k: Engine(g, backend=backend, threads=threads, on_compile=on_compile) for k, g in graphs.items()}
+    vocab = {k: parse_vocab(files[k + ".txt"], k + ".txt") if k + ".txt" in files else None
+             for k in ("src_vocab", "tgt_vocab")}
+    codes = files["bpe.codes"].decode("utf-8") if "bpe.codes" in files else None
+    try:
+        return Seq2SeqRuntime(parts, model, src_vocab=vocab["src_vocab"], tgt_vocab=vocab["tgt_vocab"],
+                              bpe_codes=codes, manifest=man, path=path)
+    except ValueError as exc:
+        raise ArtifactError(f"manifest.json: {exc}") from None
 
 
 def size_bytes(params: dict) -> int:
