@@ -145,13 +145,21 @@ def cmd_finetune(args) -> int:
         raise CLIError(f"{args.checkpoint} is not a float word-LM checkpoint (kind {record.get('kind')!r})")
     corpus = load_corpus(args, args.data or record.get("data", "ptb"))
     _check_vocab_size(model, corpus, args)
+    bits = args.bits
+    if args.allocation:
+        from .allocate import Allocation
+        try:
+            bits = Allocation.load(args.allocation).bits_map()
+        except ValueError as exc:
+            raise CLIError(str(exc)) from None
     try:
-        q = quantize(model, bits=args.bits, method="qat", hard_gates=args.hard_gates)
+        q = quantize(model, bits=bits, method="qat", hard_gates=args.hard_gates)
         tcfg = TrainConfig(epochs=args.epochs, lr=args.lr, lr_decay=args.lr_decay, decay_after=1,
                            max_batches=args.max_batches, seed=args.seed)
     except ValueError as exc:
         raise CLIError(str(exc)) from None
-    say(args, f"QAT: {args.bits}-bit weights, int8 activations, hard gates: {args.hard_gates or 'none'} -> {args.out}")
+    say(args, f"QAT: {args.allocation or str(args.bits) + '-bit'} weights, int8 activations, hard gates: "
+              f"{args.hard_gates or 'none'} -> {args.out}")
     res = train_lm(q, corpus.train, corpus.valid, tcfg, args.out, resume=args.resume, progress=show_progress(args),
                    kind="quantized_word_lm", record_extra={"config": model.config.to_dict(),
                                                            "quant_config": q.config.to_dict(),
@@ -430,6 +438,8 @@ def build_parser() -> argparse.ArgumentParser:
     f = add("finetune", cmd_finetune, "quantization-aware fine-tuning (QAT) from a float checkpoint")
     f.add_argument("checkpoint", help="float checkpoint")
     f.add_argument("--bits", type=_bits_arg, default=4, help="2..8, binary or ternary")
+    f.add_argument("--allocation", default=None, help="an allocation.json from `g2quant allocate` (per-matrix widths; "
+                                                      "overrides --bits)")
     f.add_argument("--hard-gates", type=_gates_arg, default="if", help="gates trained and deployed as 1[a>0] ('' for none)")
     f.add_argument("--epochs", type=_positive_int, default=1, help="epochs")
     f.add_argument("--max-batches", type=_positive_int, default=None, help="cap batches per epoch")
@@ -492,6 +502,9 @@ def build_parser() -> argparse.ArgumentParser:
     i = add("info", cli_deploy.cmd_info, "what an artifact holds: target, graph, sizes, validation")
     i.add_argument("artifact", help="a NAME.g2q artifact directory")
     i.add_argument("--json", action="store_true", help="print the manifest (without the file table) as JSON")
+
+    from . import cli_alloc
+    cli_alloc.add_commands(add, sys.modules[__name__])
 
     try:                                         # translation commands (need torch)
         from . import cli_mt

@@ -106,3 +106,37 @@ def test_block_bytes_match_the_targets(lm_and_sens):
     b = s["blocks"][1]
     assert block_bytes(b, 4, "cpu") == 64 * 8 + 4 * 64          # 64 rows of 16 nibbles + row scales
     assert block_bytes(b, 3, "cpu") == block_bytes(b, 4, "cpu")   # 3-bit is stored in nibbles
+
+
+def test_cli_allocate_writes_allocation_table_and_plot(tmp_path, capsys):
+    from g2quant.cli import main
+    run = tmp_path / "run"
+    assert main(["train-lm", "--data", "synthetic", "--preset", "tiny", "--epochs", "1", "--max-batches", "10",
+                 "--out", str(run), "-q", "--threads", "1"]) == 0
+    out = tmp_path / "alloc"
+    assert main(["allocate", str(run / "best.safetensors"), "--data", "synthetic", "--budget", "20KB",
+                 "--widths", "8,4,2", "--calib-tokens", "800", "--out", str(out), "-q", "--no-measure"]) == 0
+    a = Allocation.load(out / "allocation.json")
+    assert a.predicted["bytes"] <= 20_000 and set(a.widths.values()) <= {"8", "4", "2"}
+    assert (out / "table.md").read_text().count("|") > 10 and (out / "front.png").stat().st_size > 1000
+    capsys.readouterr()
+    assert main(["allocate", str(run / "best.safetensors"), "--data", "synthetic", "--budget", "3 parsecs",
+                 "--out", str(out), "-q"]) == 2
+    assert "unknown unit" in capsys.readouterr().err
+    assert main(["finetune", str(run / "best.safetensors"), "--data", "synthetic", "--allocation",
+                 str(out / "allocation.json"), "--max-batches", "2", "--out", str(tmp_path / "qat"), "-q",
+                 "--threads", "1"]) == 0
+
+
+def test_latency_profile_fits_and_round_trips(tmp_path):
+    from g2quant.profiles import Profile, measure
+    prof = measure(shapes=((64, 64), (256, 128), (512, 256)), widths=(4, 8), repeats=2)
+    assert set(prof.fit) == {4, 8} and all(a >= 0 and b >= 0 for a, b in prof.fit.values())
+    again = Profile.from_toml(prof.to_toml(), "x")
+    for bw in prof.fit:
+        assert again.fit[bw] == pytest.approx(prof.fit[bw], rel=1e-6)
+    assert again.loop == prof.loop
+    big, small = prof.seconds((512, 256), 4), prof.seconds((64, 64), 4)
+    assert big >= small
+    with pytest.raises(ValueError, match="no timings for 2-bit"):
+        prof.seconds((64, 64), 2)
