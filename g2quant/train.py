@@ -76,6 +76,45 @@ def _best_on_disk(best: Path) -> float:
         return math.inf
 
 
+def distributed() -> tuple[int, int]:
+    """``(rank, world_size)``; under ``torchrun`` (``WORLD_SIZE`` > 1) the process group is started
+    (gloo on CPU, nccl with CUDA) on first use."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def shard(tokens, rank: int, world: int):
+    """Rank ``rank``'s contiguous part of a token stream (equal parts; the tail is dropped)."""
+    n = len(tokens) // world
+    return tokens[rank * n:(rank + 1) * n]
+
+
+def _all_average_grads(model: nn.Module, world: int) -> None:
+    import torch.distributed as dist
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world
+    k = 0
+    for g in grads:
+        g.copy_(flat[k:k + g.numel()].view_as(g))
+        k += g.numel()
+
+
+def _broadcast_float(value: float, world: int) -> float:
+    if world <= 1:
+        return value
+    import torch.distributed as dist
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.broadcast(t, 0)
+    return float(t)
+
+
 def train_lm(model: nn.Module, train_data, valid_data, tcfg: TrainConfig, out_dir: str | os.PathLike, *,
              resume: bool = False, progress: bool = True, kind: str = "word_lm",
              record_extra: dict | None = None, log=print) -> TrainResult:
@@ -86,11 +125,23 @@ def train_lm(model: nn.Module, train_data, valid_data, tcfg: TrainConfig, out_di
     ``resume=True`` the model, epoch counter and history are restored from ``last.safetensors``
     and training continues with the next epoch (each epoch reseeds from ``seed + epoch``, so
     a resumed run equals an uninterrupted one).
+
+    Under ``torchrun --nproc_per_node N`` each of the N ranks trains on a contiguous shard of
+    ``train_data`` (batch ``batch_size`` per rank, state carried per rank); gradients are averaged
+    across ranks before clipping and the update, so a step equals one single-process step on the
+    N ranks' batches side by side. Rank 0 evaluates, writes the checkpoints and the history (which
+    record ``world_size``); the others wait for it.
     """
+    rank, world = distributed()
+    if world > 1 and tcfg.time_budget:
+        raise ValueError("a time budget stops ranks at different batches; it is for single-process runs only")
+    if world > 1:
+        extra_log = log
+        log = (lambda s: extra_log(f"[rank 0/{world}] {s}")) if rank == 0 else (lambda s: None)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     last, best = out / "last.safetensors", out / "best.safetensors"
-    extra = dict(record_extra or {})
+    extra = {**dict(record_extra or {}), "world_size": world}
     result = TrainResult(checkpoint=str(last))
     start_epoch = 0
     if resume:
@@ -117,7 +168,7 @@ def train_lm(model: nn.Module, train_data, valid_data, tcfg: TrainConfig, out_di
         if not resume:
             log(f"{best} (valid ppl {kept:.2f}) is kept until this run beats it")
 
-    streams = batchify(train_data, tcfg.batch_size)
+    streams = batchify(shard(train_data, rank, world), tcfg.batch_size)
     n_batches = (streams.size(0) - 1 + tcfg.bptt - 1) // tcfg.bptt
     if tcfg.max_batches:
         n_batches = min(n_batches, tcfg.max_batches)
@@ -131,7 +182,7 @@ def train_lm(model: nn.Module, train_data, valid_data, tcfg: TrainConfig, out_di
         t0 = time.time()
         batches = range(n_batches)
         bar = None
-        if progress:
+        if progress and rank == 0:
             from tqdm import tqdm
             batches = bar = tqdm(batches, desc=f"epoch {epoch + 1}/{tcfg.epochs}", leave=False)
         for b in batches:
@@ -143,6 +194,8 @@ def train_lm(model: nn.Module, train_data, valid_data, tcfg: TrainConfig, out_di
             loss = nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
             model.zero_grad(set_to_none=True)
             loss.backward()
+            if world > 1:
+                _all_average_grads(model, world)
             nn.utils.clip_grad_norm_(model.parameters(), tcfg.clip)
             with torch.no_grad():
                 for p in model.parameters():
@@ -158,9 +211,11 @@ def train_lm(model: nn.Module, train_data, valid_data, tcfg: TrainConfig, out_di
         if bar is not None:
             bar.close()
         train_ppl = math.exp(total_loss / max(total_tokens, 1))
-        valid = lm_perplexity(model, valid_data, batch_size=tcfg.eval_batch_size, bptt=tcfg.eval_bptt)
+        vppl = lm_perplexity(model, valid_data, batch_size=tcfg.eval_batch_size,
+                             bptt=tcfg.eval_bptt)["ppl"] if rank == 0 else 0.0
+        valid = {"ppl": _broadcast_float(vppl, world)}
         entry = {"epoch": epoch + 1, "lr": lr, "train_ppl": train_ppl, "valid_ppl": valid["ppl"],
-                 "seconds": time.time() - t0, "tokens": total_tokens}
+                 "seconds": time.time() - t0, "tokens": total_tokens * world, "world_size": world}
         result.history.append(entry)
         log(f"epoch {epoch + 1:3d} | lr {lr:7.4f} | train ppl {train_ppl:8.2f} | valid ppl {valid['ppl']:8.2f} "
             f"| {entry['seconds']:.0f}s")
@@ -169,9 +224,14 @@ def train_lm(model: nn.Module, train_data, valid_data, tcfg: TrainConfig, out_di
         rec = _record(kind, model, tcfg, epoch, result.history, extra)
         if valid["ppl"] < result.best_valid_ppl:
             result.best_valid_ppl = valid["ppl"]
-            save_checkpoint(best, model, {**rec, "best_valid_ppl": valid["ppl"]})
-        save_checkpoint(last, model, rec)
-        (out / "history.json").write_text(json.dumps(result.history, indent=1))
+            if rank == 0:
+                save_checkpoint(best, model, {**rec, "best_valid_ppl": valid["ppl"]})
+        if rank == 0:
+            save_checkpoint(last, model, rec)
+            (out / "history.json").write_text(json.dumps(result.history, indent=1))
+        if world > 1:
+            import torch.distributed as dist
+            dist.barrier()
         if result.stopped_early:
             log(f"time budget of {tcfg.time_budget:.0f}s reached; stopped after {epoch + 1} epoch(s)")
             break
