@@ -106,3 +106,27 @@ def test_cuda_graph_streaming_equals_launched_kernels(tmp_path):
         y1, s1 = graphed.step(xs[t], s1)
         y2, s2 = plain.step(xs[t], s2)
         _close(y1, y2, 1e-5)
+
+
+@pytest.mark.parametrize("hard", ["", "rz"])
+def test_gru_models_on_the_gpu_target(hard, tmp_path):
+    from test_g2gru import GRUClassifier, GRUTagger
+    for cls in (GRUTagger, GRUClassifier):
+        torch.manual_seed(0)
+        q = g2quant.quantize(cls().eval(), bits=4, hard_gates=hard if cls is GRUTagger else "")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            p = q.export(tmp_path / f"{cls.__name__}.g2q", target="gpu-fp16")
+        rt = g2quant.load(p, device=DEVICE)
+        g = copy.deepcopy(rt.graph)
+        for n in g.nodes:
+            if "act_bits" in n.attrs:
+                n.attrs["act_bits"] = None
+        x = example_input(q.model).numpy()
+        y, state = rt.run(x)
+        _close(y, ReferenceRuntime(g).run(x)[0])
+        if rt.streamable:
+            st = rt.initial_state(x.shape[1])
+            for t in range(x.shape[0]):
+                _, st = rt.step(x[t], st)
+            _close(st.h, state.h, 1e-5)

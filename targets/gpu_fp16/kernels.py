@@ -161,6 +161,69 @@ def lstm_step_kernel(zx_ptr, stride_zx, x_ptr, stride_x, K_IN, wi_ptr, KW_IN, si
 
 
 @triton.jit
+def _gru_dots(acc_r, acc_z, acc_n, v_ptr, stride_v, bs, B, w_ptr, units, H, K, KW, BW: tl.constexpr,
+              OFFSET: tl.constexpr, MULT: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Add ``v · W[g·H + units]^T`` for the three gate blocks (r, z, n) of a ``[3H, K]`` matrix."""
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        v = tl.load(v_ptr + bs[:, None] * stride_v + ks[None, :], mask=(bs[:, None] < B) & (ks[None, :] < K),
+                    other=0.0).to(tl.float16)
+        acc_r += tl.dot(v, tl.trans(_codes(w_ptr, units, ks, H, K, KW, BW, OFFSET, MULT)))
+        acc_z += tl.dot(v, tl.trans(_codes(w_ptr + H * KW, units, ks, H, K, KW, BW, OFFSET, MULT)))
+        acc_n += tl.dot(v, tl.trans(_codes(w_ptr + 2 * H * KW, units, ks, H, K, KW, BW, OFFSET, MULT)))
+    return acc_r, acc_z, acc_n
+
+
+@triton.jit
+def _row(ptr, g: tl.constexpr, H, units):
+    return tl.load(ptr + g * H + units, mask=units < H, other=0.0)[None, :]
+
+
+@triton.jit
+def gru_step_kernel(gx_ptr, stride_gx, x_ptr, stride_x, K_IN, wi_ptr, KW_IN, si_ptr, bi_ptr,
+                    h_ptr, wh_ptr, KW_H, sh_ptr, bh_ptr, h_out_ptr, out_ptr, stride_out, B, H,
+                    HAS_GX: tl.constexpr, HARD_R: tl.constexpr, HARD_Z: tl.constexpr,
+                    BW_IN: tl.constexpr, OFF_IN: tl.constexpr, MULT_IN: tl.constexpr,
+                    BW_H: tl.constexpr, OFF_H: tl.constexpr, MULT_H: tl.constexpr,
+                    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One GRU layer-direction step: ``gh = W_hh·h + b_hh`` (kept apart: r multiplies its n part),
+    ``gx`` = precomputed ``W_ih·x + b_ih`` (``run``) or fused here (streaming)."""
+    pid_h, pid_b = tl.program_id(0), tl.program_id(1)
+    units = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    bs = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    z0 = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    hr, hz, hn = _gru_dots(z0, z0, z0, h_ptr, H, bs, B, wh_ptr, units, H, H, KW_H, BW_H, OFF_H, MULT_H, BLOCK_K)
+    hr = hr * _row(sh_ptr, 0, H, units) + _row(bh_ptr, 0, H, units)
+    hz = hz * _row(sh_ptr, 1, H, units) + _row(bh_ptr, 1, H, units)
+    hn = hn * _row(sh_ptr, 2, H, units) + _row(bh_ptr, 2, H, units)
+    m = (bs[:, None] < B) & (units[None, :] < H)
+    if HAS_GX:
+        xr = tl.load(gx_ptr + bs[:, None] * stride_gx + units[None, :], mask=m, other=0.0)
+        xz = tl.load(gx_ptr + bs[:, None] * stride_gx + H + units[None, :], mask=m, other=0.0)
+        xn = tl.load(gx_ptr + bs[:, None] * stride_gx + 2 * H + units[None, :], mask=m, other=0.0)
+    else:
+        xr, xz, xn = _gru_dots(z0, z0, z0, x_ptr, stride_x, bs, B, wi_ptr, units, H, K_IN, KW_IN, BW_IN, OFF_IN,
+                               MULT_IN, BLOCK_K)
+        xr = xr * _row(si_ptr, 0, H, units) + _row(bi_ptr, 0, H, units)
+        xz = xz * _row(si_ptr, 1, H, units) + _row(bi_ptr, 1, H, units)
+        xn = xn * _row(si_ptr, 2, H, units) + _row(bi_ptr, 2, H, units)
+    if HARD_R:
+        r = tl.where(xr + hr > 0, 1.0, 0.0)
+    else:
+        r = tl.sigmoid(xr + hr)
+    if HARD_Z:
+        zg = tl.where(xz + hz > 0, 1.0, 0.0)
+    else:
+        zg = tl.sigmoid(xz + hz)
+    n = _tanh(xn + r * hn)
+    offs = bs[:, None] * H + units[None, :]
+    h = tl.load(h_ptr + offs, mask=m, other=0.0)
+    h_new = (1.0 - zg) * n + zg * h
+    tl.store(h_out_ptr + offs, h_new, mask=m)
+    tl.store(out_ptr + bs[:, None] * stride_out + units[None, :], h_new, mask=m)
+
+
+@triton.jit
 def embed_kernel(tok_ptr, w_ptr, s_ptr, out_ptr, N, V, E, KW, BW: tl.constexpr, OFFSET: tl.constexpr,
                  MULT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr):
     pid_n, pid_e = tl.program_id(0), tl.program_id(1)
@@ -210,6 +273,21 @@ def lstm_step(w_ih: GMatrix, w_hh: GMatrix, bias: torch.Tensor, h: torch.Tensor,
         x if x is not None else dummy, x.stride(0) if x is not None else 0, w_ih.cols, w_ih.words, w_ih.kw, w_ih.scale,
         h, c, w_hh.words, w_hh.kw, w_hh.scale, bias, h_out, c_out, out, out.stride(0), B, H,
         HAS_ZX=zx is not None, HAS_X=x is not None, HARD_I="i" in hard, HARD_F="f" in hard, HARD_O="o" in hard,
+        BW_IN=w_ih.bw, OFF_IN=w_ih.offset, MULT_IN=w_ih.mult, BW_H=w_hh.bw, OFF_H=w_hh.offset, MULT_H=w_hh.mult,
+        BLOCK_B=BLOCK_N, BLOCK_H=BLOCK_H, BLOCK_K=BLOCK_K)
+
+
+def gru_step(w_ih: GMatrix, w_hh: GMatrix, b_ih: torch.Tensor, b_hh: torch.Tensor, h: torch.Tensor,
+             h_out: torch.Tensor, out: torch.Tensor, hard: str, *, gx: torch.Tensor | None = None,
+             x: torch.Tensor | None = None) -> None:
+    """One GRU step of one layer-direction: ``gx`` (``W_ih·x + b_ih``, ``[B, 3H]``) or ``x`` (fused)."""
+    B, H = h.shape
+    grid = (triton.cdiv(H, BLOCK_H), triton.cdiv(B, BLOCK_N))
+    gru_step_kernel[grid](
+        gx if gx is not None else b_ih, gx.stride(0) if gx is not None else 0,
+        x if x is not None else b_ih, x.stride(0) if x is not None else 0, w_ih.cols, w_ih.words, w_ih.kw, w_ih.scale,
+        b_ih, h, w_hh.words, w_hh.kw, w_hh.scale, b_hh, h_out, out, out.stride(0), B, H,
+        HAS_GX=gx is not None, HARD_R="r" in hard, HARD_Z="z" in hard,
         BW_IN=w_ih.bw, OFF_IN=w_ih.offset, MULT_IN=w_ih.mult, BW_H=w_hh.bw, OFF_H=w_hh.offset, MULT_H=w_hh.mult,
         BLOCK_B=BLOCK_N, BLOCK_H=BLOCK_H, BLOCK_K=BLOCK_K)
 

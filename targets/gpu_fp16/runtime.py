@@ -95,6 +95,8 @@ class GpuRuntime(LMMixin, Runtime):
             return lambda ins, st: torch.cat(ins, dim=-1)
         if op == "lstm":
             return self._lstm(node)
+        if op == "gru":
+            return self._gru(node)
         raise NotImplementedError(f"gpu-fp16 has no program for op {op!r}")
 
     def _lstm(self, node):
@@ -128,6 +130,42 @@ class GpuRuntime(LMMixin, Runtime):
                     h_n[k], c_n[k] = h, c
                 x = out
             st[node.name] = (h_n, c_n)
+            return x
+        return fn
+
+    def _gru(self, node):
+        from ..gru import gru_dims, gru_param_names
+        H, L, D = gru_dims(node)
+        hard = node.attrs.get("hard_gates", "")
+        layers = [(self._mat(self.graph.param(node, ih)), self._mat(self.graph.param(node, hh)),
+                   self._vec(self.graph.param(node, bi)), self._vec(self.graph.param(node, bh)))
+                  for ih, hh, bi, bh in gru_param_names(L, D)]
+
+        def fn(ins, st):
+            x = ins[0]
+            (h0,) = st[node.name]
+            T, B = x.shape[0], x.shape[1]
+            h_n = torch.empty_like(h0)
+            for layer in range(L):
+                out = torch.empty((T, B, D * H), dtype=torch.float32, device=x.device)
+                for d in range(D):
+                    k = layer * D + d
+                    w_ih, w_hh, b_ih, b_hh = layers[k]
+                    h = h0[k].contiguous()
+                    h2 = torch.empty_like(h)
+                    view = out[..., d * H:(d + 1) * H]
+                    if T == 1:
+                        K.gru_step(w_ih, w_hh, b_ih, b_hh, h, h2, view[0], hard, x=x[0].contiguous())
+                        h = h2
+                    else:
+                        gx = K.qlinear(w_ih, x.reshape(T * B, -1), b_ih).reshape(T, B, 3 * H)
+                        for s in range(T):
+                            t = T - 1 - s if d == 1 else s
+                            K.gru_step(w_ih, w_hh, b_ih, b_hh, h, h2, view[t], hard, gx=gx[t])
+                            h, h2 = h2, h
+                    h_n[k] = h
+                x = out
+            st[node.name] = (h_n,)
             return x
         return fn
 

@@ -85,7 +85,7 @@ class GpuCodec:
 
 
 CODEC = GpuCodec()
-SUPPORTED_OPS = ("embedding", "linear", "activation", "select_step", "state_select", "concat", "lstm")
+SUPPORTED_OPS = ("embedding", "linear", "activation", "select_step", "state_select", "concat", "lstm", "gru")
 
 
 def check(graph: Graph) -> None:
@@ -94,9 +94,9 @@ def check(graph: Graph) -> None:
     if missing:
         raise UnsupportedGraph(f"target 'gpu-fp16' has no kernels for op(s) {missing}")
     for n in graph.nodes:
-        if n.op == "lstm" and any(graph.params[p].scheme == "float" for r, p in n.params.items()
+        if n.op in ("lstm", "gru") and any(graph.params[p].scheme == "float" for r, p in n.params.items()
                                   if isinstance(graph.params[p], QMatrix)):
-            raise UnsupportedGraph(f"target 'gpu-fp16' runs quantized LSTM weights only; {n.name!r} has a float "
+            raise UnsupportedGraph(f"target 'gpu-fp16' runs quantized recurrent weights only; {n.name!r} has a float "
                                    "matrix (quantize it to 8 bits or fewer)")
 
 
