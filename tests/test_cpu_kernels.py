@@ -285,11 +285,10 @@ def _lstm_layer(path, w_ih, w_hh, bias, hard, reverse, x, h, c):
     """``lstm_layer_fwd`` on matrices packed the way the lstm program packs them."""
     H = h.shape[1]
     ctx = programs.BuildContext(isa.loop_id(path))
-    perm = programs._gate_major_perm(H)
-    ki, kh = ctx.pack(w_ih, perm, "unit-major"), ctx.pack(w_hh, perm, "unit-major")
+    ki, kh = ctx.pack(w_ih), ctx.pack(w_hh)
     out = np.full((x.shape[0], x.shape[1], H + 3), np.nan, np.float32)
     lits = (ctx.loop, ki.bw, kh.bw)
-    args = (ki.data, ki.nlines, ki.scale, kh.data, kh.nlines, kh.scale, K.padded(bias[perm], 4 * H),
+    args = (ki.data, ki.nlines, ki.scale, kh.data, kh.nlines, kh.scale, K.padded(bias, 4 * H),
             "i" in hard, "f" in hard, "o" in hard, reverse, x, h, c, out, 2)
     pk.specialize(pk.lstm_layer_fwd, lits, args)(*lits, *args)
     assert np.isnan(out[..., :2]).all() and np.isnan(out[..., 2 + H:]).all()

@@ -12,21 +12,25 @@ from .kernels_vnni import BLOCK_ROWS, GROUP_K, LINE_BYTES, bits_to_f32
 ACT_QMAX = 127
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")       # no zero-division checks: both loops vectorize
 def _quantize_into(x, xq, base, width):
     """``quantize_act`` of the float32 vector ``x`` into ``xq[base:base+len(x)]``, zeroing the rest
-    of ``xq[base:base+width]``; returns ``(s_x, Σ x_q)``."""
-    m = np.float32(0.0)
-    for k in range(x.shape[0]):
-        m = max(m, abs(x[k]))
-    s = m / np.float32(ACT_QMAX) if m > 0 else np.float32(1.0)
-    total = 0
-    for k in range(x.shape[0]):
-        v = min(max(np.rint(x[k] / s), np.float32(-ACT_QMAX)), np.float32(ACT_QMAX))
+    of ``xq[base:base+width]``; returns ``(s_x, Σ x_q)``. ``max|x|`` is taken on the bit patterns
+    (``|x|`` as int32 orders like the floats, and a NaN wins as in NumPy)."""
+    n = x.shape[0]
+    bits = x.view(np.int32)
+    m = np.int32(0)
+    for k in range(n):
+        m = max(m, bits[k] & np.int32(0x7FFFFFFF))
+    mf = bits_to_f32(m)
+    s = mf / np.float32(ACT_QMAX) if mf > 0 else np.float32(1.0)
+    total = np.int32(0)
+    for k in range(n):
+        v = np.int32(min(max(np.rint(x[k] / s), np.float32(-ACT_QMAX)), np.float32(ACT_QMAX)))
         xq[base + k] = np.int8(v)
-        total += np.int64(v)
-    xq[base + x.shape[0]:base + width] = 0
-    return s, total
+        total += v
+    xq[base + n:base + width] = 0
+    return s, np.int64(total)
 
 
 @njit(cache=True)
@@ -59,10 +63,8 @@ def _exp(x):
 
 
 @njit(cache=True, inline="always", error_model="numpy")
-def _gate(z, hard):
-    """``1[z > 0]`` for a hard gate, else ``sigmoid(z)``."""
-    if hard:
-        return np.float32(1.0) if z > 0 else np.float32(0.0)
+def _sigmoid(z):
+    """``1 / (1 + e^{−z})``."""
     return np.float32(1.0) / (np.float32(1.0) + _exp(-z))
 
 

@@ -115,6 +115,7 @@ def amx_scratch_bytes(nlines: int, bw: int) -> int:
     return _AMX_HEADER + AMX_BLOCKS * amx_steps(nlines, bw) * 1024
 
 
+
 # ----------------------------------------------------------------------------- IR helpers
 
 def _c(ty, v):
@@ -167,11 +168,6 @@ def _gep(b: ir.IRBuilder, ptr, offset, ty=I8):
 
 def _load(b: ir.IRBuilder, ptr, offset, ty, align):
     return b.load(_gep(b, ptr, offset), typ=ty, align=align)
-
-
-def _prefetch(b: ir.IRBuilder, ptr):
-    fn = _declare(b.module, "llvm.prefetch.p0", ir.VoidType(), [PTR, I32, I32, I32])
-    b.call(fn, [ptr, _c(I32, 0), _c(I32, 3), _c(I32, 1)])
 
 
 def _emit_loop(b: ir.IRBuilder, count, init: list, body) -> list:
@@ -466,9 +462,8 @@ def gemv_group(loop, bw: int) -> int:
 
 
 def gemm_group(loop, bw: int) -> tuple[int, int]:
-    """``(blocks, vectors)`` per call of the batch kernel (AMX: 2 blocks × any vectors)."""
-    impl = loop_impl(loop)
-    return (AMX_BLOCKS, 0) if impl.amx else impl.gemm_shape[bw]
+    """``(blocks, vectors)`` per call of the register-blocked batch kernel (``gemm``)."""
+    return loop_impl(loop).gemm_shape[bw]
 
 
 def uses_amx(loop) -> bool:
@@ -501,7 +496,6 @@ def _gemv_sums(b: ir.IRBuilder, w, nlines, nblocks, x, bw: int, loop: _Loop) -> 
     block_bytes = b.mul(nlines, _i64(LINE_BYTES))
     ptrs = [w] + [b.select(b.icmp_signed(">", nblocks, _i64(j)), b.gep(w, [b.mul(block_bytes, _i64(j))],
                                                                        source_etype=I8), w) for j in range(1, G)]
-    ahead = b.mul(block_bytes, _i64(G))                 # the next group of blocks
     zeros = loop.acc_zero()
     nval = len(zeros)
     init = zeros * (G * nparts * ncls)
@@ -515,7 +509,6 @@ def _gemv_sums(b: ir.IRBuilder, w, nlines, nblocks, x, bw: int, loop: _Loop) -> 
         for j in range(G):
             for l in range(lpi):
                 line = b.gep(ptrs[j], [b.add(w_off, _i64(l * LINE_BYTES))], source_etype=I8)
-                _prefetch(b, b.gep(line, [ahead], source_etype=I8))
                 for part in range(nparts):
                     word = _load(b, line, part * loop.part_bytes, vty, 1)
                     for p in range(P):
@@ -555,7 +548,6 @@ def _gemm_sums(b: ir.IRBuilder, w, nlines, nblocks, x, x_stride, nvec, bw: int, 
                                                                        source_etype=I8), w) for j in range(1, RB)]
     xptrs = [x] + [b.select(b.icmp_signed(">", nvec, _i64(v)), b.gep(x, [b.mul(x_stride, _i64(v))],
                                                                      source_etype=I8), x) for v in range(1, NV)]
-    ahead = b.mul(block_bytes, _i64(RB))
     zeros = loop.acc_zero()
     nval = len(zeros)
     init = zeros * (RB * NV * nparts)
@@ -571,7 +563,6 @@ def _gemm_sums(b: ir.IRBuilder, w, nlines, nblocks, x, x_stride, nvec, bw: int, 
             words = []
             for j in range(RB):
                 line = b.gep(ptrs[j], [b.add(w_off, _i64(l * LINE_BYTES))], source_etype=I8)
-                _prefetch(b, b.gep(line, [ahead], source_etype=I8))
                 words.append([_load(b, line, part * loop.part_bytes, vty, 1)
                               for part in range(nparts)])
             for p in range(P):
@@ -601,17 +592,21 @@ def _masked(b: ir.IRBuilder, nrows):
 def _store_block(b: ir.IRBuilder, sums, bw: int, loop: _Loop, sumx, sx, scale, bias, out, nrows, flags):
     """``out[r] (+)= s_r·s_x·(mult·sum_r − offset·Σx) (+ bias[r])`` for rows ``r < nrows`` (≤ 16
     used) of one block: float order of the reference, ``(float(acc)·s_r)·s_x`` then
-    ``(out + y) + bias``. ``sumx`` an i64, ``sx`` a float, the rest pointers."""
+    ``(out + y) + bias``. ``sumx`` an i64, ``sx`` a float, the rest pointers. Branch-free but for
+    the partial block: the flags select, ``out`` and ``bias`` are read either way."""
     offset, mult = code_params(bw)
     offset -= mult * loop.code_bias(bw)
     t = b.shl(sums, _splat(V16I32, 1)) if mult == 2 else sums
     if offset:
         t = b.sub(t, b.mul(_broadcast(b, b.trunc(sumx, I32), V16I32), _splat(V16I32, offset)))
+    y0 = b.sitofp(t, V16F32)
+    add_out = b.icmp_signed("!=", b.and_(flags, _i64(2)), _i64(0))
+    add_bias = b.icmp_signed("!=", b.and_(flags, _i64(1)), _i64(0))
+    sxv = _broadcast(b, sx, V16F32)
     vb = ir.VectorType(I1, 16)
     mload = _declare(b.module, "llvm.masked.load.v16f32.p0", V16F32, [PTR, I32, vb, V16F32])
     mstore = _declare(b.module, "llvm.masked.store.v16f32.p0", ir.VoidType(), [V16F32, PTR, I32, vb])
-    full = b.icmp_signed(">=", nrows, _i64(16))
-    with b.if_else(full) as (then, otherwise):
+    with b.if_else(b.icmp_signed(">=", nrows, _i64(16))) as (then, otherwise):
         for masked in (False, True):
             with (otherwise if masked else then):
                 mask = _masked(b, nrows) if masked else None
@@ -621,16 +616,13 @@ def _store_block(b: ir.IRBuilder, sums, bw: int, loop: _Loop, sumx, sx, scale, b
                         return b.call(mload, [ptr, _c(I32, 4), mask, ir.Constant(V16F32, None)])
                     return b.load(ptr, typ=V16F32, align=4)
 
-                y = b.fmul(b.fmul(b.sitofp(t, V16F32), load(scale)), _broadcast(b, sx, V16F32))
-                slot = cgutils.alloca_once_value(b, y)
-                with b.if_then(b.trunc(b.lshr(flags, _i64(1)), I1)):
-                    b.store(b.fadd(load(out), b.load(slot, typ=V16F32)), slot)
-                with b.if_then(b.trunc(flags, I1)):
-                    b.store(b.fadd(b.load(slot, typ=V16F32), load(bias)), slot)
+                y = b.fmul(b.fmul(y0, load(scale)), sxv)
+                y = b.select(add_out, b.fadd(load(out), y), y)
+                y = b.select(add_bias, b.fadd(y, load(bias)), y)
                 if masked:
-                    b.call(mstore, [b.load(slot, typ=V16F32), out, _c(I32, 4), mask])
+                    b.call(mstore, [y, out, _c(I32, 4), mask])
                 else:
-                    b.store(b.load(slot, typ=V16F32), out, align=4)
+                    b.store(y, out, align=4)
 
 
 def _block_epilogues(b: ir.IRBuilder, sums: list, count, bw, loop, operands) -> None:
@@ -691,110 +683,145 @@ def _amx(b, name, *tiles_and_args):
 
 
 def _emit_amx(b, args, bw, loop):
-    """2 blocks × ``nvec`` vectors on AMX tiles. Tiles: C 0-3 (int32, [vector][row]), A 4-5
-    (x of vectors v0…v0+15 and v0+16…v0+31), B 6-7 (the two blocks' codes of one K step, 16
-    k-groups × 64 bytes: the layout's own line format, unpacked to one code per byte)."""
+    """``nblocks`` blocks × ``nvec`` vectors on AMX tiles, two blocks at a time. Tiles: C 0-3
+    (int32, [vector][row]), A 4-5 (x of vectors v0…v0+15 and v0+16…v0+31), B 6-7 (the two
+    blocks' codes of one K step: 16 k-groups × 64 bytes, the layout's own line format with one
+    code per byte). The codes are unpacked once per block pair into the scratch buffer. With at
+    most 16 vectors the K steps alternate between C 0-1 and C 2-3 (A 4 and A 5 alternate, so a
+    tile load need not wait for the previous step's products), summed in the epilogue. Tile
+    loads bound this kernel (about one per product on this project's machine), so each loaded
+    tile feeds two products."""
     w, nlines, nblocks, x, x_stride, nvec, sumx, sx, scale, bias, out, out_stride, nvalid, flags, scratch = args
     P = planes(bw)
     nsteps = b.udiv(b.add(b.mul(nlines, _i64(P)), _i64(15)), _i64(16))
-    block_bytes = b.mul(nlines, _i64(LINE_BYTES))
-    src = [w, b.select(b.icmp_signed(">", nblocks, _i64(1)), b.gep(w, [block_bytes], source_etype=I8), w)]
+    tile_bytes = b.mul(nsteps, _i64(1024))              # one block's B tiles
     cfg, cbuf = scratch, _gep(b, scratch, 64)
-    unpacked_bytes = b.mul(nsteps, _i64(1024))
-    bbuf = [_gep(b, scratch, _AMX_HEADER), b.gep(_gep(b, scratch, _AMX_HEADER), [unpacked_bytes], source_etype=I8)]
+    scratch_b = _gep(b, scratch, _AMX_HEADER)
+    current = cgutils.alloca_once_value(b, _i64(-1))   # the loaded tile configuration (m0·64 + m1)
     v64 = ir.VectorType(I8, 64)
 
-    # 1. unpack both blocks once: B row g (k-group g) = plane g % P of line g // P
-    def unpack_line(b, L, vals):
-        for j in range(AMX_BLOCKS):
-            word = b.load(b.gep(src[j], [b.mul(L, _i64(LINE_BYTES))], source_etype=I8), typ=v64, align=1)
-            for p in range(P):
-                codes, _ = loop.unpack(b, word, bw, p, False)
-                dst = b.gep(bbuf[j], [b.mul(b.add(b.mul(L, _i64(P)), _i64(p)), _i64(LINE_BYTES))], source_etype=I8)
-                b.store(codes, dst, align=64)
-        return []
-
-    _emit_loop(b, nlines, [], unpack_line)
-
-    def zero_tail(b, g, vals):                          # k-groups past K in the last step
-        for j in range(AMX_BLOCKS):
-            b.store(ir.Constant(v64, None), b.gep(bbuf[j], [b.mul(g, _i64(LINE_BYTES))], source_etype=I8), align=64)
-        return []
-
-    first_pad = b.mul(nlines, _i64(P))
-    _emit_loop(b, b.sub(b.mul(nsteps, _i64(16)), first_pad), [],
-               lambda b, i, v: zero_tail(b, b.add(first_pad, i), v))
-
-    # 2. vector groups of 32: config, K loop, store C, epilogues
-    def config(b, m0, m1):
+    def config(b, m0, m1, ksplit):
         for off in range(0, 64, 8):
             b.store(_i64(0), _gep(b, cfg, off), align=8)
         b.store(_c(I8, 1), cfg)
-        for t, rows in ((0, m0), (1, m0), (4, m0), (2, m1), (3, m1), (5, m1), (6, None), (7, None)):
+        m_hi = b.select(ksplit, m0, m1)
+        for t, rows in ((0, m0), (1, m0), (4, m0), (2, m_hi), (3, m_hi), (5, m_hi), (6, None), (7, None)):
             r = _i64(16) if rows is None else rows
             b.store(b.trunc(r, I8), _gep(b, cfg, 48 + t))
             colsb = _i64(64) if rows is None else b.select(b.icmp_signed(">", rows, _i64(0)), _i64(64), _i64(0))
             b.store(b.trunc(colsb, I16), _gep(b, cfg, 16 + 2 * t), align=2)
         _amx(b, "ldtilecfg", cfg)
 
-    def k_loop(b, xa, xb, both: bool):
-        def step(b, s, vals):
-            koff = b.mul(s, _i64(AMX_STEP))
-            _amx(b, "tileloadd64", 4, b.gep(xa, [koff], source_etype=I8), x_stride)
-            if both:
-                _amx(b, "tileloadd64", 5, b.gep(xb, [koff], source_etype=I8), x_stride)
-            boff = b.mul(s, _i64(1024))
-            _amx(b, "tileloadd64", 6, b.gep(bbuf[0], [boff], source_etype=I8), _i64(64))
-            _amx(b, "tileloadd64", 7, b.gep(bbuf[1], [boff], source_etype=I8), _i64(64))
-            _amx(b, "tdpbsud", 0, 4, 6)
-            _amx(b, "tdpbsud", 1, 4, 7)
-            if both:
-                _amx(b, "tdpbsud", 2, 5, 6)
-                _amx(b, "tdpbsud", 3, 5, 7)
+    def pair(b, pi, vals):
+        j0 = b.mul(pi, _i64(2))
+        j1 = _min(b, b.add(j0, _i64(1)), b.sub(nblocks, _i64(1)))
+        has1 = b.icmp_signed("<", b.add(j0, _i64(1)), nblocks)
+        src = [b.gep(w, [b.mul(j, b.mul(nlines, _i64(LINE_BYTES)))], source_etype=I8) for j in (j0, j1)]
+        bsrc = [scratch_b, b.gep(scratch_b, [tile_bytes], source_etype=I8)]
+
+        def unpack_line(b, L, vals):               # B row g (k-group g) = plane g % P of line g // P
+            for k in range(AMX_BLOCKS):
+                word = b.load(b.gep(src[k], [b.mul(L, _i64(LINE_BYTES))], source_etype=I8), typ=v64, align=1)
+                for p in range(P):
+                    codes, _ = loop.unpack(b, word, bw, p, False)
+                    row = b.add(b.mul(L, _i64(P)), _i64(p))
+                    b.store(codes, b.gep(bsrc[k], [b.mul(row, _i64(LINE_BYTES))], source_etype=I8), align=64)
             return []
 
-        for t in ((0, 1, 2, 3) if both else (0, 1)):
-            _amx(b, "tilezero", t)
-        _emit_loop(b, nsteps, [], step)
-        for t in ((0, 1, 2, 3) if both else (0, 1)):
-            _amx(b, "tilestored64", t, _gep(b, cbuf, 1024 * t), _i64(64))
+        _emit_loop(b, nlines, [], unpack_line)
+        first_pad = b.mul(nlines, _i64(P))
 
-    def group(b, gi, vals):
-        v0 = b.mul(gi, _i64(2 * AMX_ROWS))
-        rem = b.sub(nvec, v0)
-        m0 = _min(b, rem, _i64(AMX_ROWS))
-        m1 = _min(b, _max(b, b.sub(rem, _i64(AMX_ROWS)), _i64(0)), _i64(AMX_ROWS))
-        reconfig = b.or_(b.icmp_signed("==", gi, _i64(0)), b.icmp_signed("<", m1, _i64(AMX_ROWS)))
-        with b.if_then(reconfig):
-            config(b, m0, m1)
-        xa = b.gep(x, [b.mul(v0, x_stride)], source_etype=I8)
-        xb = b.gep(xa, [b.mul(_i64(AMX_ROWS), x_stride)], source_etype=I8)
-        with b.if_else(b.icmp_signed(">", m1, _i64(0))) as (then, otherwise):
-            with then:
-                k_loop(b, xa, xb, True)
-            with otherwise:
-                k_loop(b, xa, xb, False)
-
-        def epilogue(b, k, vals):                       # k = 2·(vector in group) + block
-            vi, j = b.udiv(k, _i64(2)), b.urem(k, _i64(2))
-            tile = b.add(b.mul(b.udiv(vi, _i64(AMX_ROWS)), _i64(2)), j)
-            row = b.urem(vi, _i64(AMX_ROWS))
-            s = b.load(b.gep(cbuf, [b.add(b.mul(tile, _i64(1024)), b.mul(row, _i64(64)))], source_etype=I8),
-                       typ=V16I32, align=64)
-            v = b.add(v0, vi)
-            r0 = b.mul(j, _i64(BLOCK_ROWS))
-            nrows = b.select(b.icmp_signed("<", j, nblocks), b.sub(nvalid, r0), _i64(0))
-            with b.if_then(b.icmp_signed(">", nrows, _i64(0))):
-                _store_block(b, s, bw, loop, b.load(_gep(b, sumx, v, I64), typ=I64),
-                             b.load(_gep(b, sx, v, F32), typ=F32), _gep(b, scale, r0, F32), _gep(b, bias, r0, F32),
-                             _gep(b, out, b.add(b.mul(v, out_stride), r0), F32), nrows, flags)
+        def zero_row(b, i, vals):                   # k-groups past K in the last step
+            g = b.add(first_pad, i)
+            for k in range(AMX_BLOCKS):
+                b.store(ir.Constant(v64, None), b.gep(bsrc[k], [b.mul(g, _i64(LINE_BYTES))], source_etype=I8),
+                        align=64)
             return []
 
-        _emit_loop(b, b.mul(b.add(m0, m1), _i64(2)), [], epilogue)
+        _emit_loop(b, b.sub(b.mul(nsteps, _i64(16)), first_pad), [], zero_row)
+
+        def group(b, gi, vals):
+            v0 = b.mul(gi, _i64(2 * AMX_ROWS))
+            rem = b.sub(nvec, v0)
+            m0 = _min(b, rem, _i64(AMX_ROWS))
+            m1 = _min(b, _max(b, b.sub(rem, _i64(AMX_ROWS)), _i64(0)), _i64(AMX_ROWS))
+            ksplit = b.icmp_signed("==", m1, _i64(0))
+            key = b.add(b.mul(m0, _i64(64)), m1)
+            with b.if_then(b.icmp_signed("!=", b.load(current, typ=I64), key)):
+                config(b, m0, m1, ksplit)
+                b.store(key, current)
+            xa = b.gep(x, [b.mul(v0, x_stride)], source_etype=I8)
+            xb = b.gep(xa, [b.mul(_i64(AMX_ROWS), x_stride)], source_etype=I8)
+            for t in range(4):
+                _amx(b, "tilezero", t)
+
+            def load_step(b, s, a_tile, xrow):
+                koff = b.mul(s, _i64(AMX_STEP))
+                _amx(b, "tileloadd64", a_tile, b.gep(xrow, [koff], source_etype=I8), x_stride)
+                boff = b.mul(s, _i64(1024))
+                _amx(b, "tileloadd64", 6, b.gep(bsrc[0], [boff], source_etype=I8), _i64(64))
+                _amx(b, "tileloadd64", 7, b.gep(bsrc[1], [boff], source_etype=I8), _i64(64))
+
+            with b.if_else(ksplit) as (then, otherwise):
+                with then:                          # ≤ 16 vectors: even steps into C0/C1, odd into C2/C3
+                    def two_steps(b, i, vals):
+                        s = b.mul(i, _i64(2))
+                        load_step(b, s, 4, xa)
+                        _amx(b, "tdpbsud", 0, 4, 6)
+                        _amx(b, "tdpbsud", 1, 4, 7)
+                        load_step(b, b.add(s, _i64(1)), 5, xa)
+                        _amx(b, "tdpbsud", 2, 5, 6)
+                        _amx(b, "tdpbsud", 3, 5, 7)
+                        return []
+
+                    _emit_loop(b, b.udiv(nsteps, _i64(2)), [], two_steps)
+                    with b.if_then(b.trunc(nsteps, I1)):
+                        load_step(b, b.sub(nsteps, _i64(1)), 4, xa)
+                        _amx(b, "tdpbsud", 0, 4, 6)
+                        _amx(b, "tdpbsud", 1, 4, 7)
+                with otherwise:
+                    def step(b, s, vals):
+                        koff = b.mul(s, _i64(AMX_STEP))
+                        _amx(b, "tileloadd64", 5, b.gep(xb, [koff], source_etype=I8), x_stride)
+                        load_step(b, s, 4, xa)
+                        _amx(b, "tdpbsud", 0, 4, 6)
+                        _amx(b, "tdpbsud", 1, 4, 7)
+                        _amx(b, "tdpbsud", 2, 5, 6)
+                        _amx(b, "tdpbsud", 3, 5, 7)
+                        return []
+
+                    _emit_loop(b, nsteps, [], step)
+            for t in range(4):
+                _amx(b, "tilestored64", t, _gep(b, cbuf, 1024 * t), _i64(64))
+
+            def epilogue(b, k, vals):                   # k = 2·(vector in group) + block
+                vi, jj = b.udiv(k, _i64(2)), b.urem(k, _i64(2))
+                tile = b.add(b.mul(b.udiv(vi, _i64(AMX_ROWS)), _i64(2)), jj)
+                row = b.mul(b.urem(vi, _i64(AMX_ROWS)), _i64(64))
+                s = b.load(b.gep(cbuf, [b.add(b.mul(tile, _i64(1024)), row)], source_etype=I8), typ=V16I32, align=64)
+                odd = b.load(b.gep(cbuf, [b.add(b.mul(b.add(jj, _i64(2)), _i64(1024)), row)], source_etype=I8),
+                             typ=V16I32, align=64)
+                s = b.select(ksplit, b.add(s, odd), s)
+                v = b.add(v0, vi)
+                r0 = b.mul(b.add(j0, jj), _i64(BLOCK_ROWS))
+                valid = b.or_(b.icmp_signed("==", jj, _i64(0)), has1)
+                nrows = b.select(valid, b.sub(nvalid, r0), _i64(0))
+                with b.if_then(b.icmp_signed(">", nrows, _i64(0))):
+                    _store_block(b, s, bw, loop, b.load(_gep(b, sumx, v, I64), typ=I64),
+                                 b.load(_gep(b, sx, v, F32), typ=F32), _gep(b, scale, r0, F32),
+                                 _gep(b, bias, r0, F32), _gep(b, out, b.add(b.mul(v, out_stride), r0), F32), nrows,
+                                 flags)
+                return []
+
+            _emit_loop(b, b.mul(b.add(m0, m1), _i64(2)), [], epilogue)
+            return []
+
+        _emit_loop(b, b.udiv(b.add(nvec, _i64(2 * AMX_ROWS - 1)), _i64(2 * AMX_ROWS)), [], group)
         return []
 
-    _emit_loop(b, b.udiv(b.add(nvec, _i64(2 * AMX_ROWS - 1)), _i64(2 * AMX_ROWS)), [], group)
-    _amx(b, "tilerelease")
+    _emit_loop(b, b.udiv(b.add(nblocks, _i64(1)), _i64(2)), [], pair)
+    with b.if_then(b.icmp_signed(">=", b.load(current, typ=I64), _i64(0))):
+        _amx(b, "tilerelease")
 
 
 # ----------------------------------------------------------------------------- Numba plumbing

@@ -14,8 +14,8 @@ whole 16-row blocks).
   vectors per call).
 - ``lstm_layer_fwd``: one LSTM layer-direction over ``T`` steps. One step (streaming) runs
   ``W_ih·x + W_hh·h + bias`` as one parallel product; a sequence first computes the input
-  projections of all ``T·B`` vectors as one product, then per step only ``W_hh·h``. Rows are
-  unit-major (rows 4j…4j+3 = i_j, f_j, g_j, o_j), so the cell update reads 4 rows per unit.
+  projections of all ``T·B`` vectors as one product, then per step only ``W_hh·h``. Rows keep
+  torch's gate order (i, f, g, o blocks).
 - ``embed_fwd``: dequantized rows read straight from the packed table.
 """
 from __future__ import annotations
@@ -26,11 +26,13 @@ from numba import literally, njit, prange, types
 from numba.core import errors
 from numba.extending import overload
 
-from .kernels_jit import _embed_row, _gate, _quantize_into, _tanh
-from .kernels_vnni import _AMX_HEADER, AMX_BLOCKS, AMX_STEP, BLOCK_ROWS, GROUP_K, KERNELS, LINE_BYTES, gemm_group, \
-    gemv_group, uses_amx
+from .kernels_jit import _embed_row, _quantize_into, _sigmoid, _tanh
+from .kernels_vnni import _AMX_HEADER, AMX_BLOCKS, AMX_STEP, BLOCK_ROWS, GROUP_K, KERNELS, LINE_BYTES, \
+    gemm_group, gemv_group, uses_amx
 
 X_SLACK = 64             # bytes after the last quantized vector (AMX reads whole 64-byte K steps)
+AMX_TASK_BLOCKS = 4      # row blocks per prange iteration of the AMX path
+AMX_MIN_VECS = 16        # fewer vectors run the VNNI micro-kernel (as fast there: AMX is bound by tile loads)
 
 
 def _literal_int(v, what):
@@ -95,7 +97,12 @@ def _blocks_per_task(loop, bw, nb):
     """Row blocks per ``prange`` iteration: one kernel call's worth."""
     if nb == 1:
         return gemv_group(loop, bw)
-    return AMX_BLOCKS if uses_amx(loop) else gemm_group(loop, bw)[0]
+    return AMX_TASK_BLOCKS if uses_amx(loop) and nb >= AMX_MIN_VECS else gemm_group(loop, bw)[0]
+
+
+@njit(cache=True, inline="always")
+def _amx_steps(nlines, bw):
+    return -(-nlines * (8 // bw) // (AMX_STEP // GROUP_K))
 
 
 @njit(cache=True, inline="always")
@@ -111,14 +118,13 @@ def _product_blocks(loop, bw, b0, nblk, w, nlines, scale, bias, flags, xq, width
             r0 = s * BLOCK_ROWS
             gemv(bw, w, s * block_bytes, nlines, min(G, end - s), xq, 0, sumx[0], sx[0], scale, r0, bias, r0, out,
                  out_base + r0, rows - r0, flags, loop)
-    elif uses_amx(loop):
-        sbytes = _AMX_HEADER + AMX_BLOCKS * (-(-nlines * (8 // bw) // (AMX_STEP // GROUP_K))) * 1024
-        scratch = np.empty(sbytes + 64, np.uint8)
+    elif uses_amx(loop) and nb >= AMX_MIN_VECS:
+        nsteps = _amx_steps(nlines, bw)
+        scratch = np.empty(_AMX_HEADER + AMX_BLOCKS * nsteps * 1024 + 64, np.uint8)
         soff = (-scratch.ctypes.data) % 64
-        for s in range(b0, end, AMX_BLOCKS):
-            r0 = s * BLOCK_ROWS
-            amx(bw, w, s * block_bytes, nlines, min(AMX_BLOCKS, end - s), xq, 0, width, nb, sumx, 0, sx, 0, scale, r0,
-                bias, r0, out, out_base + r0, out_stride, rows - r0, flags, scratch, soff, loop)
+        r0 = b0 * BLOCK_ROWS
+        amx(bw, w, b0 * block_bytes, nlines, nblk, xq, 0, width, nb, sumx, 0, sx, 0, scale, r0, bias, r0, out,
+            out_base + r0, out_stride, rows - r0, flags, scratch, soff, loop)
     else:
         RB, NV = gemm_group(loop, bw)
         for s in range(b0, end, RB):
@@ -130,46 +136,51 @@ def _product_blocks(loop, bw, b0, nblk, w, nlines, scale, bias, flags, xq, width
 
 
 @njit(cache=True)
+def _act_buffers(n, width):
+    """``(xq, sx, sumx)`` for ``n`` quantized vectors ``width`` bytes apart (zero) and
+    ``X_SLACK`` zero bytes after the last one."""
+    return np.zeros(n * width + X_SLACK, np.int8), np.ones(max(n, 1), np.float32), np.zeros(max(n, 1), np.int64)
+
+
+@njit(cache=True)
 def _quantize_rows(x, width):
-    """A8 of every row of ``x [N, K]``: ``(xq, sx, sumx)`` with rows ``width`` bytes apart (zero
-    padded) and ``X_SLACK`` zero bytes after the last one."""
+    """A8 of every row of ``x [N, K]`` (see ``_act_buffers``)."""
     n = x.shape[0]
-    xq = np.zeros(n * width + X_SLACK, np.int8)
-    sx = np.ones(max(n, 1), np.float32)
-    sumx = np.zeros(max(n, 1), np.int64)
+    xq, sx, sumx = _act_buffers(n, width)
     for b in range(n):
         sx[b], sumx[b] = _quantize_into(x[b], xq, b * width, width)
     return xq, sx, sumx
 
 
 @njit(cache=True, parallel=True)
-def _matmul1(loop, bw, w, nlines, scale, bias, flags, xq, width, sx, sumx, out, out_base, out_stride, nb, rows):
-    """``out (+)= M·A8(x) (+ bias)`` over all row blocks in parallel (``flags`` as the kernels')."""
-    literally(loop)
-    literally(bw)
-    nblocks = -(-rows // BLOCK_ROWS)
-    step = _blocks_per_task(loop, bw, nb)
-    for t in prange(-(-nblocks // step)):
-        b0 = t * step
-        _product_blocks(loop, bw, b0, min(step, nblocks - b0), w, nlines, scale, bias, flags, xq, width, sx, sumx, out,
-                        out_base, out_stride, nb, rows)
-
-
-@njit(cache=True, parallel=True)
-def _matmul2(loop, bw1, w1, nl1, s1, xq1, width1, sx1, sumx1, bw2, w2, nl2, s2, xq2, width2, sx2, sumx2, bias, out,
-             nb, rows):
-    """``out = M1·A8(x1)`` then ``+= M2·A8(x2) + bias`` block group by block group in one parallel
-    loop (the float order of the reference: ``(W_ih·x + W_hh·h) + bias``)."""
+def _matmul(loop, bw1, w1, nl1, s1, xq1, width1, sx1, sumx1, flags1, bw2, w2, nl2, s2, xq2, width2, sx2, sumx2, flags2,
+            two, bias, out, out_base, out_stride, nb, rows):
+    """``out (+)= M1·A8(x1)`` and, when ``two`` (0/1), then ``+= M2·A8(x2)``, over all row blocks in one
+    parallel loop (``flags`` as the kernels': with ``flags1 = 0, flags2 = 3`` the float order of
+    the reference, ``(W_ih·x + W_hh·h) + bias``). Every product of the engine runs through this
+    one function, so it compiles once per loop and pair of widths."""
     literally(loop)
     literally(bw1)
     literally(bw2)
     nblocks = -(-rows // BLOCK_ROWS)
-    step = max(_blocks_per_task(loop, bw1, nb), _blocks_per_task(loop, bw2, nb))
+    step = _blocks_per_task(loop, bw1, nb)
+    if two:
+        step = max(step, _blocks_per_task(loop, bw2, nb))
     for t in prange(-(-nblocks // step)):
         b0 = t * step
         n = min(step, nblocks - b0)
-        _product_blocks(loop, bw1, b0, n, w1, nl1, s1, bias, 0, xq1, width1, sx1, sumx1, out, 0, rows, nb, rows)
-        _product_blocks(loop, bw2, b0, n, w2, nl2, s2, bias, 3, xq2, width2, sx2, sumx2, out, 0, rows, nb, rows)
+        _product_blocks(loop, bw1, b0, n, w1, nl1, s1, bias, flags1, xq1, width1, sx1, sumx1, out, out_base,
+                        out_stride, nb, rows)
+        if two:
+            _product_blocks(loop, bw2, b0, n, w2, nl2, s2, bias, flags2, xq2, width2, sx2, sumx2, out, out_base,
+                            out_stride, nb, rows)
+
+
+@njit(cache=True, inline="always")
+def _matmul1(loop, bw, w, nlines, scale, bias, flags, xq, width, sx, sumx, out, out_base, out_stride, nb, rows):
+    """``out (+)= M·A8(x) (+ bias)`` (``_matmul`` with one matrix)."""
+    _matmul(loop, bw, w, nlines, scale, xq, width, sx, sumx, flags, bw, w, nlines, scale, xq, width, sx, sumx, flags,
+            np.int64(0), bias, out, out_base, out_stride, nb, rows)
 
 
 _SPECIALIZED: dict = {}
@@ -190,58 +201,80 @@ def specialize(kernel, literals: tuple, args: tuple):
 def linear_fwd(loop, bw, w, nlines, scale, bias, has_bias, x, out):
     """``out [N, R] = Q(W)·A8(x [N, K]) (+ bias)``; ``scale``/``bias`` padded to whole blocks.
     ``loop`` and ``bw`` must be literals (:func:`specialize`)."""
-    width = nlines * LINE_BYTES // BLOCK_ROWS * (8 // bw)
+    width = nlines * GROUP_K * (8 // bw)
     xq, sx, sumx = _quantize_rows(x, width)
-    _matmul1(loop, bw, w, nlines, scale, bias, np.int64(1 if has_bias else 0), xq, width, sx, sumx, out.reshape(-1), 0,
-             out.shape[1], x.shape[0], out.shape[1])
+    _matmul1(loop, bw, w, nlines, scale, bias, np.int64(1 if has_bias else 0), xq, width, sx, sumx, out.reshape(-1),
+             np.int64(0), out.shape[1], x.shape[0], out.shape[1])
 
 
 @njit(cache=True, error_model="numpy")
-def _cells(a, hard_i, hard_f, hard_o, h, c):
-    """Cell update from unit-major pre-activations ``a [B, 4H]``; ``h``, ``c`` ``[B, H]`` in place."""
-    for b in range(a.shape[0]):
-        ab, cb, hb = a[b], c[b], h[b]
-        for j in range(cb.shape[0]):
-            gi = _gate(ab[4 * j], hard_i)
-            gf = _gate(ab[4 * j + 1], hard_f)
-            gg = _tanh(ab[4 * j + 2])
-            go = _gate(ab[4 * j + 3], hard_o)
-            cn = gf * cb[j] + gi * gg
-            cb[j] = cn
-            hb[j] = go * _tanh(cn)
+def _cells(a, base, hard_i, hard_f, hard_o, h, c):
+    """Cell update from the pre-activations at ``a[base:]`` (``[B, 4H]`` flat, gate order i, f,
+    g, o); ``h``, ``c`` ``[B, H]`` in place. Hard gates select ``1[z > 0]`` instead of the
+    sigmoid without a branch, so the unit loop vectorizes."""
+    B, H = h.shape
+    hi, hf, ho = np.float32(hard_i), np.float32(hard_f), np.float32(hard_o)
+    one = np.float32(1.0)
+    for b in range(B):
+        hb, cb = h[b], c[b]
+        r = base + b * 4 * H
+        for u in range(H):
+            zi, zf, zg, zo = a[r + u], a[r + H + u], a[r + 2 * H + u], a[r + 3 * H + u]
+            gi = hi * np.float32(zi > 0) + (one - hi) * _sigmoid(zi)
+            gf = hf * np.float32(zf > 0) + (one - hf) * _sigmoid(zf)
+            go = ho * np.float32(zo > 0) + (one - ho) * _sigmoid(zo)
+            cn = gf * cb[u] + gi * _tanh(zg)
+            cb[u] = cn
+            hb[u] = go * _tanh(cn)
+
+
+@njit(cache=True)
+def _quantize_state(h, hq, sh, sumh, width):
+    for b in range(h.shape[0]):
+        sh[b], sumh[b] = _quantize_into(h[b], hq, b * width, width)
+
+
+@njit(cache=True)
+def _emit(out, t, h, col0):
+    """``out[t, :, col0:col0 + H] = h``."""
+    for b in range(h.shape[0]):
+        ob, hb = out[t, b], h[b]
+        for u in range(h.shape[1]):
+            ob[col0 + u] = hb[u]
 
 
 @njit(cache=True)
 def lstm_layer_fwd(loop, bw_ih, bw_hh, w_ih, nl_ih, s_ih, w_hh, nl_hh, s_hh, bias, hard_i, hard_f, hard_o, reverse,
                    x, h, c, out, col0):
-    """One layer-direction over ``x [T, B, In]`` (unit-major packed ``W_ih`` / ``W_hh``, ``bias``
-    in unit-major order padded to whole blocks); updates ``h``, ``c`` ``[B, H]`` in place and
-    writes ``out[t, :, col0:col0 + H]``. ``loop``, ``bw_ih``, ``bw_hh`` must be literals."""
+    """One layer-direction over ``x [T, B, In]`` (``bias`` padded to whole blocks); updates ``h``,
+    ``c`` ``[B, H]`` in place and writes ``out[t, :, col0:col0 + H]``. ``loop``, ``bw_ih``,
+    ``bw_hh`` must be literals."""
     T, B, H = x.shape[0], x.shape[1], h.shape[1]
     rows = 4 * H
-    w1 = nl_ih * LINE_BYTES // BLOCK_ROWS * (8 // bw_ih)
-    w2 = nl_hh * LINE_BYTES // BLOCK_ROWS * (8 // bw_hh)
+    w1 = nl_ih * GROUP_K * (8 // bw_ih)
+    w2 = nl_hh * GROUP_K * (8 // bw_hh)
+    xq, sx, sumx = _act_buffers(T * B, w1)
+    for t in range(T):
+        for b in range(B):
+            sx[t * B + b], sumx[t * B + b] = _quantize_into(x[t, b], xq, (t * B + b) * w1, w1)
+    hq, sh, sumh = _act_buffers(B, w2)
     if T == 1:
-        xq, sx, sumx = _quantize_rows(x[0], w1)
-        hq, sh, sumh = _quantize_rows(h, w2)
-        a = np.empty((B, rows), np.float32)
-        _matmul2(loop, bw_ih, w_ih, nl_ih, s_ih, xq, w1, sx, sumx, bw_hh, w_hh, nl_hh, s_hh, hq, w2, sh, sumh,
-                 bias, a.reshape(-1), B, rows)
-        _cells(a, hard_i, hard_f, hard_o, h, c)
-        out[0, :, col0:col0 + H] = h
+        _quantize_state(h, hq, sh, sumh, w2)
+        a = np.empty(B * rows, np.float32)
+        _matmul(loop, bw_ih, w_ih, nl_ih, s_ih, xq, w1, sx, sumx, np.int64(0), bw_hh, w_hh, nl_hh, s_hh, hq, w2, sh,
+                sumh, np.int64(3), np.int64(1), bias, a, np.int64(0), rows, B, rows)
+        _cells(a, np.int64(0), hard_i, hard_f, hard_o, h, c)
+        _emit(out, np.int64(0), h, col0)
         return
-    xs = x.reshape(T * B, x.shape[2])
-    xq, sx, sumx = _quantize_rows(xs, w1)
-    zx = np.empty((T * B, rows), np.float32)
-    zflat = zx.reshape(-1)
-    _matmul1(loop, bw_ih, w_ih, nl_ih, s_ih, bias, np.int64(0), xq, w1, sx, sumx, zflat, 0, rows, T * B, rows)
+    zx = np.empty(T * B * rows, np.float32)
+    _matmul1(loop, bw_ih, w_ih, nl_ih, s_ih, bias, np.int64(0), xq, w1, sx, sumx, zx, np.int64(0), rows, T * B, rows)
     for s in range(T):
         t = T - 1 - s if reverse else s
-        hq, sh, sumh = _quantize_rows(h, w2)
-        _matmul1(loop, bw_hh, w_hh, nl_hh, s_hh, bias, np.int64(3), hq, w2, sh, sumh, zflat, t * B * rows, rows, B,
-                 rows)
-        _cells(zx[t * B:(t + 1) * B], hard_i, hard_f, hard_o, h, c)
-        out[t, :, col0:col0 + H] = h
+        _quantize_state(h, hq, sh, sumh, w2)
+        _matmul1(loop, bw_hh, w_hh, nl_hh, s_hh, bias, np.int64(3), hq, w2, sh, sumh, zx, np.int64(t * B * rows), rows,
+                 B, rows)
+        _cells(zx, t * B * rows, hard_i, hard_f, hard_o, h, c)
+        _emit(out, t, h, col0)
 
 
 @njit(cache=True)

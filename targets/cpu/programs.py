@@ -96,22 +96,15 @@ def _linear(graph, node, ctx: BuildContext):
     return fn
 
 
-def _gate_major_perm(hidden: int) -> np.ndarray:
-    """Row order ``[i_0, f_0, g_0, o_0, i_1, …]`` of a ``[4H, K]`` gate matrix (torch order i, f, g, o)."""
-    return (np.arange(hidden)[:, None] + hidden * np.arange(4)[None, :]).ravel()
-
-
 @register_program("lstm")
 def _lstm(graph, node, ctx: BuildContext):
     H, L, D = lstm_dims(node)
     trios = [tuple(graph.param(node, r) for r in roles) for roles in lstm_param_names(L, D)]
     if node.attrs.get("act_bits") != 8 or not all(fast_matrix(m) for t in trios for m in t[:2]):
         return REFERENCE["lstm"](graph, node)
-    perm = _gate_major_perm(H)
     layers = []
     for w_ih, w_hh, b in trios:
-        ki, kh = ctx.pack(w_ih, perm, "unit-major"), ctx.pack(w_hh, perm, "unit-major")
-        layers.append((ki, kh, _padded(b[perm], 4 * H)))
+        layers.append((ctx.pack(w_ih), ctx.pack(w_hh), _padded(b, 4 * H)))
     hard = node.attrs.get("hard_gates", "")
     hi, hf, ho = ("i" in hard), ("f" in hard), ("o" in hard)
     kernels_ = [None] * len(layers)
