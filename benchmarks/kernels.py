@@ -1,22 +1,28 @@
-"""Micro-benchmarks of the CPU engine's inner loops (``g2quant.targets.cpu.kernels``), per loop.
+"""Micro-benchmarks of the CPU engine's inner loops (``g2quant.targets.cpu``), per loop.
 
 Writes ``benchmarks/results/kernels.json``:
 - ``machine``: ``isa.describe()`` of the host (CPU name, features, the loops it can run);
+- ``load_avg``: the 1-minute load average before and after (the machine is shared: a busy
+  machine makes 2-thread figures meaningless), and ``quiet`` (both below 0.5 per core);
 - ``read_bandwidth_gb_s``: measured read bandwidth of this machine by working-set size (a Numba
   ``prange`` sum, 1 and 2 threads, and a NumPy ``sum`` on 1 thread), the physical limit the
   weight streaming is compared against;
-- ``compile``: per loop, the cold first call (empty Numba cache: every storage width of the
-  product entry, plus the LM step entry) and the warm one (cache load), each in a fresh
-  process; and for the host's best loop one entry per loop vs one ``numba.literally`` entry
-  (cold/warm seconds, cache hits);
-- ``peak``: per loop and width, one kernel call (16 rows × 1 vector, 4 rows × 4 vectors) repeated
-  on L1-resident data without ``prange``: the loop's own compute throughput, 1 thread;
+- ``compile``: per loop, the cold first use (empty Numba cache) and the warm one (cache load),
+  each in a fresh process: ``linear_fwd`` at every storage width, ``lstm_layer_fwd`` at 4-bit,
+  and a whole 4-bit LM engine (``Engine(graph)``, what ``g2quant run`` compiles);
+- ``entry_style``: one call of ``linear_fwd`` through its ``program_kernels.specialize`` entry vs
+  through Numba's literal dispatch (why the programs specialize);
+- ``peak``: per loop and width, one kernel call repeated on L1-resident data without ``prange``
+  (``gemv``: its blocks × 1 vector; ``gemm``: its blocks × vectors; ``amx``: 2 blocks × 32
+  vectors): the loop's own compute throughput, 1 thread;
 - ``matvec``: per loop, bits 8/4/2/1, the LSTM shapes of hidden 200/650/1500 (rows 4H, cols H),
-  batch 1 (streaming) and batch 20, 1 and 2 threads: µs per product (``us``: the product
-  kernel on already-quantized activations; ``us_qmatmul``: the whole ``qmatmul``, including the
-  per-vector activation quantization), GMAC/s, weight-streaming GB/s (packed bytes per product
-  / time) and its fraction of the read bandwidth at that working set, and GMAC/s as a fraction of
-  the loop's peak.
+  batch 1 (streaming), 20 (a scoring batch's recurrent step) and, at hidden 650, 700 (its input
+  projections and decoder), 1 and 2 threads: µs per product (``us``: the product on
+  already-quantized activations; ``us_linear``: the whole ``linear_fwd``, activation
+  quantization included), GMAC/s, weight-streaming GB/s (packed bytes per product / time) and
+  its fraction of the read bandwidth at that working set, GMAC/s as a fraction of the loop's
+  peak (the gemv peak for batch 1, else the gemm peak, or the AMX peak where the amx-int8 loop
+  runs AMX).
 
 Every loop runs in its own subprocess. Numba compiles for the host CPU, so a forced loop run on
 a bigger machine would still let LLVM use the bigger registers around it: the ``avx2`` and
@@ -46,14 +52,14 @@ from numba import njit
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from g2quant.targets.cpu import kernels_jit as J  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "kernels.json"
 HIDDENS = (200, 650, 1500)
 BITS = (8, 4, 2, 1)
 BATCHES = (1, 20)
+BIG_BATCH = (650, 700)     # (hidden, batch): the input projections / decoder of a 20 x 35 scoring batch
 # the Numba target of each loop's run: (NUMBA_CPU_NAME, NUMBA_CPU_FEATURES), None = the host
-TARGETS = {"avx512-vnni": None, "avx-vnni": ("alderlake", ""), "avx2": ("haswell", ""),
+TARGETS = {"amx-int8": None, "avx512-vnni": None, "avx-vnni": ("alderlake", ""), "avx2": ("haswell", ""),
            "portable": ("haswell", ""), "neon-dotprod": None, "neon": None}
 
 
@@ -81,69 +87,84 @@ def _random_q(rng, rows, cols, bits):
     return rng.integers(-qmax, qmax + 1, (rows, cols), dtype=np.int8), "int"
 
 
-def repeat_entries(loop_id: int):
-    """Numba loops calling the kernels ``n`` times with the loop id as a constant (so neither
-    Python dispatch nor a literal-dispatch lookup is timed): ``(product_n, qmatmul_n)``:
-    ``product_n`` = the product on already-quantized activations (``kernels_jit._matmul``),
-    ``qmatmul_n`` = the whole ``qmatmul`` (activation quantization included)."""
-    def product_n(n, mats, wbuf, fbuf, width, out, xq, sx, sumx):
-        zero, no_matrix = np.int64(0), np.int64(-1)        # as kernels_jit._qmatmul_kernel passes them
+def repeat_entries(loop_id: int, bw: int):
+    """Numba loops calling the kernels ``n`` times with the loop id and width as constants (so
+    neither Python dispatch nor a literal-dispatch lookup is timed): ``(product_n, linear_n)``:
+    ``product_n`` = the product on already-quantized activations (``program_kernels._matmul1``),
+    ``linear_n`` = the whole ``linear_fwd`` (activation quantization included)."""
+    from g2quant.targets.cpu import program_kernels as pk
+
+    def product_n(n, w, nlines, scale, xq, width, sx, sumx, out, nb, rows):
         for _ in range(n):
-            J._matmul(loop_id, mats, wbuf, fbuf, width, out, zero, xq, sx, sumx, zero, zero, no_matrix, xq, sx,
-                      sumx, zero, zero)
+            pk._matmul1(loop_id, bw, w, nlines, scale, scale, np.int64(0), xq, width, sx, sumx, out, np.int64(0), rows,
+                        nb, rows)
 
-    def qmatmul_n(n, wbuf, fbuf, mats, x, out):
+    def linear_n(n, w, nlines, scale, x, out):
         for _ in range(n):
-            J._qmatmul_kernel(loop_id, wbuf, fbuf, mats, x, out)
+            pk.linear_fwd(loop_id, bw, w, nlines, scale, scale, False, x, out)
 
-    return njit(cache=True)(product_n), njit(cache=True)(qmatmul_n)
+    return njit(cache=True)(product_n), njit(cache=True)(linear_n)
 
 
-PEAK_CHUNKS = 16          # L1-resident: a panel of 16 rows x 16 chunks x 64 bytes = 16 KB,
-PEAK_TILE_CHUNKS = 64     # a tile of 4 rows x 64 chunks = 16 KB
+PEAK_LINES = 64           # L1-resident: 64 lines per block (16 rows x 256 k at 4-bit)
 
 
 def peak_entries(loop_id: int, bw: int):
     """Numba loops calling one kernel ``n`` times on the same L1-resident data, no ``prange``:
     the inner loop's own throughput (the practical compute peak of that loop, 1 thread).
-    ``(panel_n, batch_n)``: 16 rows × 1 vector, and 4 rows × 4 vectors."""
+    ``(gemv_n, gemm_n, amx_n)``: the batch-1 kernel's blocks × 1 vector, the micro-kernel's
+    blocks × vectors, 2 blocks × 32 vectors on AMX."""
     from g2quant.targets.cpu import kernels_vnni as V
-    panel = {1: V.panel_u1, 2: V.panel_u2, 4: V.panel_u4, 8: V.panel_u8}[bw]
-    batch = {1: V.batch_u1, 2: V.batch_u2, 4: V.batch_u4, 8: V.batch_u8}[bw]
+    gemv, gemm, amx = V.KERNELS["gemv", bw], V.KERNELS["gemm", bw], V.KERNELS["amx", bw]
+    G = V.gemv_group(loop_id, bw)
+    RB, NV = V.gemm_group(loop_id, bw)
 
-    def panel_n(n, w, x, nchunks, scale, out):
+    def gemv_n(n, w, x, sumx, sx, scale, out):
         for _ in range(n):
-            panel(w, 0, x, 0, nchunks, 0, np.float32(1.0), scale, 0, scale, 0, out, 0, 16, 0, loop_id)
+            gemv(w, 0, PEAK_LINES, G, x, 0, sumx[0], sx[0], scale, 0, scale, 0, out, 0, 16 * G, 0, loop_id)
 
-    def batch_n(n, w, x, width, nchunks, sumx, sx, scale, out):
+    def gemm_n(n, w, x, width, sumx, sx, scale, out):
         for _ in range(n):
-            batch(w, 0, x, 0, width, nchunks, sumx, 0, sx, 0, scale, 0, scale, 0, out, 0, 16, 4, 4, 0, loop_id)
+            gemm(w, 0, PEAK_LINES, RB, x, 0, width, NV, sumx, 0, sx, 0, scale, 0, scale, 0, out, 0, 16 * RB,
+                 16 * RB, 0, loop_id)
 
-    return njit(cache=True)(panel_n), njit(cache=True)(batch_n)
+    def amx_n(n, w, x, width, sumx, sx, scale, out, scratch):
+        for _ in range(n):
+            amx(w, 0, PEAK_LINES, 2, x, 0, width, 32, sumx, 0, sx, 0, scale, 0, scale, 0, out, 0, 32, 32, 0, scratch,
+                0, loop_id)
+
+    return njit(cache=True)(gemv_n), njit(cache=True)(gemm_n), njit(cache=True)(amx_n), G, RB, NV
 
 
 def worker_peak(loop: str, bits_list, repeats) -> list:
     from g2quant.targets.cpu import isa
     from g2quant.targets.cpu import kernels as K
+    from g2quant.targets.cpu import kernels_vnni as V
 
     numba.set_num_threads(1)
+    lid = isa.loop_id(loop)
     results = []
     for bits in bits_list:
         bw = K.storage_bits(bits, "binary" if bits == 1 else "int", 4096)
-        panel_n, batch_n = peak_entries(isa.loop_id(loop), bw)
-        per_chunk = K.CHUNK_BYTES * (8 // bw)                   # columns per chunk
-        w = np.full(16 * PEAK_CHUNKS * K.CHUNK_BYTES, 0x5A, np.uint8)
-        x = np.ones(4 * PEAK_TILE_CHUNKS * per_chunk, np.int8)
-        scale, out = np.ones(16, np.float32), np.zeros(64, np.float32)
-        sumx, sx = np.zeros(4, np.int64), np.ones(4, np.float32)
+        gemv_n, gemm_n, amx_n, G, RB, NV = peak_entries(lid, bw)
+        k = PEAK_LINES * 4 * (8 // bw)                          # columns
+        w = K._aligned_empty(4 * PEAK_LINES * 64)
+        w[:] = 0x5A
+        x = np.ones(40 * k + 64, np.int8)
+        scale, out = np.ones(64, np.float32), np.zeros(64 * 64, np.float32)
+        sumx, sx = np.zeros(40, np.int64), np.ones(40, np.float32)
         n = 200
-        sec_p = time_min(lambda: panel_n(n, w, x, PEAK_CHUNKS, scale, out), repeats) / n
-        width = PEAK_TILE_CHUNKS * per_chunk
-        sec_b = time_min(lambda: batch_n(n, w, x, width, PEAK_TILE_CHUNKS, sumx, sx, scale, out), repeats) / n
-        results.append({"loop": loop, "bits": bits, "bw": bw,
-                        "panel_gmac_s": round(16 * PEAK_CHUNKS * per_chunk / sec_p / 1e9, 1),
-                        "batch_gmac_s": round(4 * 4 * width / sec_b / 1e9, 1)})
-        print(json.dumps(results[-1]), file=sys.stderr, flush=True)
+        row = {"loop": loop, "bits": bits, "bw": bw, "gemv_blocks": G, "gemm_shape": [RB, NV]}
+        sec = time_min(lambda: gemv_n(n, w, x, sumx, sx, scale, out), repeats) / n
+        row["gemv_gmac_s"] = round(16 * G * k / sec / 1e9, 1)
+        sec = time_min(lambda: gemm_n(n, w, x, k, sumx, sx, scale, out), repeats) / n
+        row["gemm_gmac_s"] = round(16 * RB * NV * k / sec / 1e9, 1)
+        if V.uses_amx(lid):
+            scratch = K._aligned_empty(V.amx_scratch_bytes(PEAK_LINES, bw))
+            sec = time_min(lambda: amx_n(n, w, x, k, sumx, sx, scale, out, scratch), repeats) / n
+            row["amx_gmac_s"] = round(32 * 32 * k / sec / 1e9, 1)
+        results.append(row)
+        print(json.dumps(row), file=sys.stderr, flush=True)
     return results
 
 
@@ -156,20 +177,15 @@ def read_sum(a):
     return s
 
 
-@njit(cache=True)
-def qmatmul_literal(loop, wbuf, fbuf, mats, x, out):
-    """The product entry as one function taking the loop through ``numba.literally``."""
-    numba.literally(loop)
-    J._qmatmul_kernel(loop, wbuf, fbuf, mats, x, out)
-
-
 def worker_matvec(loop: str, hiddens, bits_list, batches, threads_list, repeats) -> list:
     from g2quant.targets.cpu import isa
     from g2quant.targets.cpu import kernels as K
+    from g2quant.targets.cpu import kernels_vnni as V
+    from g2quant.targets.cpu import program_kernels as pk
     from g2quant.targets.qweights import QMatrix
 
     K.set_path(loop)
-    product_n, qmatmul_n = repeat_entries(isa.loop_id(loop))
+    lid = isa.loop_id(loop)
     rng = np.random.default_rng(0)
     results = []
     for hidden in hiddens:
@@ -177,29 +193,27 @@ def worker_matvec(loop: str, hiddens, bits_list, batches, threads_list, repeats)
         for bits in bits_list:
             q, scheme = _random_q(rng, rows, cols, bits)
             km = K.prepare(QMatrix(q, np.full(rows, 0.01, np.float32), bits, scheme))
-            for batch in batches:
+            product_n, linear_n = repeat_entries(lid, km.bw)
+            for batch in list(batches) + ([BIG_BATCH[1]] if hidden == BIG_BATCH[0] else []):
                 x = rng.normal(size=(batch, cols)).astype(np.float32)
                 out = np.empty((batch, rows), np.float32)
-                nvec = 1 if batch == 1 else -(-batch // K.BATCH_VECS) * K.BATCH_VECS
-                xq = np.zeros(nvec * km.kpad, np.int8)
-                sx, sumx = np.ones(nvec, np.float32), np.zeros(nvec, np.int64)
-                for b in range(batch):
-                    sx[b], sumx[b] = J._quantize_into(x[b], xq, b * km.kpad, km.kpad)
+                xq, sx, sumx = pk._quantize_rows(x, km.kpad)
                 want = K.qmatmul(km, x)
+                flat = out.reshape(-1)
                 for threads in threads_list:
                     numba.set_num_threads(threads)
-                    n = 8
-                    sec = time_min(lambda: product_n(n, km.table, km.data, km.scale, km.kpad, out, xq, sx, sumx),
-                                   repeats) / n
-                    np.testing.assert_allclose(out, want, rtol=1e-6, atol=1e-6)
-                    sec_q = time_min(lambda: qmatmul_n(n, km.data, km.scale, km.table, x, out), repeats) / n
+                    n = 8 if batch < 100 else 1
+                    sec = time_min(lambda: product_n(n, km.data, km.nlines, km.scale, xq, km.kpad, sx, sumx, flat,
+                                                     batch, rows), repeats) / n
+                    np.testing.assert_array_equal(out, want)
+                    sec_l = time_min(lambda: linear_n(n, km.data, km.nlines, km.scale, x, out), repeats) / n
                     macs = rows * cols * batch
-                    streamed = km.data.size * (1 if batch == 1 else nvec // K.BATCH_VECS)   # once per group of 4
+                    amx = V.uses_amx(lid) and batch >= pk.AMX_MIN_VECS
                     results.append({
                         "loop": loop, "hidden": hidden, "rows": rows, "cols": cols, "bits": bits, "bw": km.bw,
-                        "batch": batch, "threads": threads, "weight_bytes": int(km.data.size),
-                        "us": round(sec * 1e6, 2), "us_qmatmul": round(sec_q * 1e6, 2),
-                        "gmac_s": round(macs / sec / 1e9, 1), "weight_gb_s": round(streamed / sec / 1e9, 1)})
+                        "batch": batch, "threads": threads, "kernel": "gemv" if batch == 1 else "amx" if amx else "gemm",
+                        "weight_bytes": int(km.data.size), "us": round(sec * 1e6, 2), "us_linear": round(sec_l * 1e6, 2),
+                        "gmac_s": round(macs / sec / 1e9, 1), "weight_gb_s": round(km.data.size / sec / 1e9, 1)})
                     print(json.dumps(results[-1]), file=sys.stderr, flush=True)
     return results
 
@@ -220,63 +234,80 @@ def worker_bandwidth(sizes_mb, threads_list, repeats) -> dict:
 
 
 def worker_compile(loop: str) -> dict:
-    """Seconds to the first result of every storage width (batch 1 and 4) and of the LM step."""
+    """Seconds to the first result: ``linear_fwd`` at every storage width (batch 1 and 4), the
+    4-bit ``lstm_layer_fwd`` (one step and a sequence), and a whole 4-bit LM engine."""
     t0 = time.perf_counter()
+    from g2quant.targets.cpu import isa
     from g2quant.targets.cpu import kernels as K
-    from g2quant.targets.cpu.reference import initial_state
-    from g2quant.targets.qweights import QLSTMLayer, QMatrix, QuantLMWeights
+    from g2quant.targets.cpu import program_kernels as pk
+    from g2quant.targets.cpu.engine import Engine
+    from g2quant.targets.cpu.testing import random_lm_weights
+    from g2quant.targets.qweights import QMatrix
     t_import = time.perf_counter() - t0
     K.set_path(loop)
+    lid = isa.loop_id(loop)
     rng = np.random.default_rng(0)
-    mats = {}
-    for bits, cols in ((8, 40), (4, 40), (2, 40), (1, 1100)):
-        q, scheme = _random_q(rng, 20, cols, bits)
-        mats[bits] = QMatrix(q, np.ones(20, np.float32), bits, scheme)
     t1 = time.perf_counter()
-    for bits, m in mats.items():
-        km = K.prepare(m)
+    for bits, cols in ((8, 40), (4, 40), (2, 40), (1, 40)):
+        q, scheme = _random_q(rng, 20, cols, bits)
+        km = K.prepare(QMatrix(q, np.ones(20, np.float32), bits, scheme))
         for batch in (1, 4):
-            K.qmatmul(km, np.ones((batch, m.shape[1]), np.float32))
-    t_qmatmul = time.perf_counter() - t1
-    hidden = 32
-    def qm(rows, cols):
-        return QMatrix(_random_q(rng, rows, cols, 4)[0], np.ones(rows, np.float32), 4)
-
-    layers = [QLSTMLayer(qm(4 * hidden, hidden), qm(4 * hidden, hidden), np.zeros(4 * hidden, np.float32))
-              for _ in range(2)]
-    w = QuantLMWeights(qm(50, hidden), layers, None, np.zeros(50, np.float32), ())
-    km = K.prepare_lm(w)
-    h, c = initial_state(km, 1)
+            K.qmatmul(km, np.ones((batch, cols), np.float32))
+    t_linear = time.perf_counter() - t1
+    H = 32
+    q, _ = _random_q(rng, 4 * H, H, 4)
+    km = K.prepare(QMatrix(q, np.ones(4 * H, np.float32), 4))
     t2 = time.perf_counter()
-    K.lm_step(km, np.array([1]), h, c)
-    t_lm = time.perf_counter() - t2
-    return {"import_s": round(t_import, 2), "qmatmul_all_widths_s": round(t_qmatmul, 2), "lm_step_s": round(t_lm, 2),
-            "total_s": round(time.perf_counter() - t0, 2)}
+    for T in (1, 3):
+        x, h, c = np.ones((T, 2, H), np.float32), np.zeros((2, H), np.float32), np.zeros((2, H), np.float32)
+        args = (km.data, km.nlines, km.scale, km.data, km.nlines, km.scale, km.scale, False, False, False, False,
+                x, h, c, np.zeros((T, 2, H), np.float32), 0)
+        pk.specialize(pk.lstm_layer_fwd, (lid, km.bw, km.bw), args)(lid, km.bw, km.bw, *args)
+    t_lstm = time.perf_counter() - t2
+    graph = random_lm_weights(100, 64, 2, 4, seed=0).to_graph()
+    t3 = time.perf_counter()
+    Engine(graph)
+    t_engine = time.perf_counter() - t3
+    return {"import_s": round(t_import, 2), "linear_all_widths_s": round(t_linear, 2), "lstm_4bit_s": round(t_lstm, 2),
+            "engine_4bit_lm_s": round(t_engine, 2), "total_s": round(time.perf_counter() - t0, 2)}
+
+
+def worker_engine_compile(loop: str) -> dict:
+    """A whole 4-bit LM engine alone (fresh process): what a user's first ``g2quant run`` waits."""
+    t0 = time.perf_counter()
+    from g2quant.targets.cpu import kernels as K
+    from g2quant.targets.cpu.engine import Engine
+    from g2quant.targets.cpu.testing import random_lm_weights
+    K.set_path(loop)
+    graph = random_lm_weights(100, 64, 2, 4, seed=0).to_graph()
+    t1 = time.perf_counter()
+    Engine(graph)
+    return {"engine_4bit_lm_s": round(time.perf_counter() - t1, 2), "process_s": round(time.perf_counter() - t0, 2)}
 
 
 def worker_entry_style(loop: str, style: str) -> dict:
-    """First-call seconds and cache statistics of the product entry, either the per-loop entry of
-    ``kernels_jit`` (``style="per-loop"``) or one entry taking the loop through ``numba.literally``."""
+    """First-call seconds and per-call µs of ``linear_fwd`` on a 20×40 matrix, either through its
+    ``specialize`` entry (``style="specialized"``, what the programs use) or through the
+    dispatcher with literal arguments (``"dispatch"``)."""
     from g2quant.targets.cpu import isa
     from g2quant.targets.cpu import kernels as K
+    from g2quant.targets.cpu import program_kernels as pk
     from g2quant.targets.qweights import QMatrix
 
     numba.set_num_threads(1)                # the per-call figure is dispatch cost, not threading
     q, _ = _random_q(np.random.default_rng(0), 20, 40, 4)
     km = K.prepare(QMatrix(q, np.ones(20, np.float32), 4))
     x, out = np.ones((1, 40), np.float32), np.empty((1, 20), np.float32)
-    if style == "per-loop":
-        entry, args = J.QMATMUL[loop], (km.data, km.scale, km.table, x, out)
-    else:
-        entry, args = qmatmul_literal, (isa.loop_id(loop), km.data, km.scale, km.table, x, out)
+    lits = (isa.loop_id(loop), km.bw)
+    args = (km.data, km.nlines, km.scale, km.scale, False, x, out)
     t0 = time.perf_counter()
-    entry(*args)
+    if style == "specialized":
+        entry = pk.specialize(pk.linear_fwd, lits, args)
+    else:
+        entry = pk.linear_fwd
+    entry(*lits, *args)
     sec = time.perf_counter() - t0
-    stats = entry.stats
-    return {"first_call_s": round(sec, 2), "cache_hits": int(sum(stats.cache_hits.values())),
-            "cache_misses": int(sum(stats.cache_misses.values())),
-            "us_per_call_20x40": round(time_min(lambda: entry(*args), 20) * 1e6, 1),
-            "signatures": [str(s).split(",")[0] + ", ...)" for s in entry.signatures]}
+    return {"first_call_s": round(sec, 2), "us_per_call_20x40": round(time_min(lambda: entry(*lits, *args), 20) * 1e6, 1)}
 
 
 # ----------------------------------------------------------------------------- driver side
@@ -311,7 +342,8 @@ def run_task(task: dict):
         from g2quant.targets.cpu import isa
         return isa.describe()
     return {"matvec": worker_matvec, "bandwidth": worker_bandwidth, "compile": worker_compile,
-            "entry_style": worker_entry_style, "peak": worker_peak}[kind](**task)
+            "engine_compile": worker_engine_compile, "entry_style": worker_entry_style,
+            "peak": worker_peak}[kind](**task)
 
 
 def main():
@@ -325,20 +357,24 @@ def main():
     loops = args.loops or list(isa.host_loops())
     repeats = 10 if args.quick else 40
     hiddens, bits_list = ((650,), (4,)) if args.quick else (HIDDENS, BITS)
+    load_start = os.getloadavg()[0]
     report = {"machine": isa.describe(), "numba": numba.__version__,
-              "when": time.strftime("%Y-%m-%d %H:%M"), "loadavg_1min_start": os.getloadavg()[0],
-              "command": "python benchmarks/kernels.py" + (" --quick" if args.quick else ""),
+              "when": time.strftime("%Y-%m-%d %H:%M"),
+              "command": "python benchmarks/kernels.py" + (" --quick" if args.quick else "") +
+                         (f" --loops {' '.join(args.loops)}" if args.loops else ""),
               "targets": {loop: ({"NUMBA_CPU_NAME": TARGETS[loop][0], "NUMBA_CPU_FEATURES": TARGETS[loop][1]}
                                  if TARGETS.get(loop) else "host") for loop in loops},
               "note": ("each loop runs in its own process with the Numba target in 'targets' (an AVX2-only "
                        "haswell for avx2/portable, alderlake for avx-vnni), so forced loops are honest; "
-                       "us = product kernel on quantized activations, us_qmatmul = whole qmatmul incl. "
-                       "activation quantization; GMAC/s = rows*cols*batch/us; weight_gb_s = packed weight "
-                       "bytes streamed/us (weights are read once per group of 4 vectors when batch > 1); "
-                       "read_bw_frac = weight_gb_s / read bandwidth at the next larger working set, same "
-                       "thread count; peak = one kernel call repeated on L1-resident data, 1 thread (the "
-                       "loop's own throughput), peak_frac = gmac_s / (peak x threads). Min over repeats on a shared 2-core VM. Not compared with numpy "
-                       "matmul: OPENBLAS_CORETYPE is set here and halves OpenBLAS GEMM.")}
+                       "us = product on quantized activations, us_linear = whole linear_fwd incl. activation "
+                       "quantization; kernel = gemv (batch 1), gemm (register-blocked micro-kernel) or amx; "
+                       "GMAC/s = rows*cols*batch/us; weight_gb_s = packed weight bytes / us (each weight is read "
+                       "once per product; for batches the figure only says how far from streaming-bound it is); "
+                       "read_bw_frac = weight_gb_s / read bandwidth at the next larger working set, same thread "
+                       "count; peak = one kernel call repeated on L1-resident data, 1 thread (the loop's own "
+                       "throughput), peak_frac = gmac_s / (peak of that kernel x threads). Min over repeats on a "
+                       "shared 2-core VM; 'load_avg' says how shared. Not compared with numpy matmul: "
+                       "OPENBLAS_CORETYPE is set here and halves OpenBLAS GEMM.")}
     with tempfile.TemporaryDirectory() as tmp:
         print("bandwidth ...", flush=True)
         sizes = (1, 4, 16, 64, 1024) if not args.quick else (1, 16, 1024)
@@ -350,11 +386,14 @@ def main():
             cache = str(Path(tmp) / f"compile-{loop}")
             cold = run_worker(loop, {"kind": "compile", "loop": loop}, cache)
             warm = run_worker(loop, {"kind": "compile", "loop": loop}, cache)
-            report["compile"][loop] = {"cold": cold, "warm": warm}
+            cache = str(Path(tmp) / f"engine-{loop}")
+            engine = {"cold": run_worker(loop, {"kind": "engine_compile", "loop": loop}, cache),
+                      "warm": run_worker(loop, {"kind": "engine_compile", "loop": loop}, cache)}
+            report["compile"][loop] = {"cold": cold, "warm": warm, "engine_4bit_lm_alone": engine}
             print("compile", loop, report["compile"][loop], flush=True)
         best = loops[0]
         styles = {}
-        for style in ("per-loop", "literally"):
+        for style in ("specialized", "dispatch"):
             cache = str(Path(tmp) / f"style-{style}")
             styles[style] = {"cold": run_worker(best, {"kind": "entry_style", "loop": best, "style": style}, cache),
                              "warm": run_worker(best, {"kind": "entry_style", "loop": best, "style": style}, cache)}
@@ -371,16 +410,20 @@ def main():
                                                   "bits_list": list(bits_list), "batches": list(BATCHES),
                                                   "threads_list": [1, 2], "repeats": repeats},
                                            str(Path(tmp) / f"matvec-{loop}"))
+    load_end = os.getloadavg()[0]
+    ncpu = os.cpu_count() or 1
+    report["load_avg"] = {"start_1min": round(load_start, 2), "end_1min": round(load_end, 2), "cpus": ncpu}
+    report["quiet"] = max(load_start, load_end) < 0.5 * ncpu
     sizes_bytes = sorted((float(k) * 2 ** 20, v) for k, v in report["read_bandwidth_gb_s"].items())
     peak = {(p["loop"], p["bits"]): p for p in report["peak"]}
     for r in report["matvec"]:
         ref_bw = next((v for s, v in sizes_bytes if s >= r["weight_bytes"]), sizes_bytes[-1][1])
         r["read_bw_frac"] = round(r["weight_gb_s"] / ref_bw[f"numba_{r['threads']}t"], 2)
-        p = peak[r["loop"], r["bits"]]["panel_gmac_s" if r["batch"] == 1 else "batch_gmac_s"]
+        p = peak[r["loop"], r["bits"]][f"{r['kernel']}_gmac_s"]
         r["peak_frac"] = round(r["gmac_s"] / (p * r["threads"]), 2)
     report["summary_h650_4bit"] = [
-        {k: r[k] for k in ("loop", "batch", "threads", "us", "us_qmatmul", "gmac_s", "weight_gb_s", "read_bw_frac",
-                           "peak_frac")}
+        {k: r[k] for k in ("loop", "batch", "threads", "kernel", "us", "us_linear", "gmac_s", "weight_gb_s",
+                           "read_bw_frac", "peak_frac")}
         for r in report["matvec"] if r["hidden"] == 650 and r["bits"] == 4]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(_dump(report) + "\n")

@@ -35,15 +35,18 @@ def _quantize_into(x, xq, base, width):
 
 @njit(cache=True)
 def _embed_row(w, nlines, bw, offset, mult, scale, row, out):
-    """``out = scale[row] · q[row, :]`` read straight from the packed block layout."""
+    """``out = scale[row] · q[row, :]`` read straight from the packed block layout: the row's 4
+    bytes of each line hold ``P`` k-groups."""
     planes, mask = 8 // bw, (1 << bw) - 1
     base = (row // BLOCK_ROWS) * nlines * LINE_BYTES + (row % BLOCK_ROWS) * GROUP_K
     s = scale[row]
-    for k in range(out.shape[0]):
-        g = k // GROUP_K
-        line, p = divmod(g, planes)
-        u = (np.int32(w[base + line * LINE_BYTES + k % GROUP_K]) >> (p * bw)) & mask
-        out[k] = s * np.float32(mult * u - offset)
+    K = out.shape[0]
+    for line in range(nlines):
+        for p in range(planes):
+            k0 = GROUP_K * (planes * line + p)
+            for j in range(min(GROUP_K, K - k0)):
+                u = (np.int32(w[base + line * LINE_BYTES + j]) >> (p * bw)) & mask
+                out[k0 + j] = s * np.float32(mult * u - offset)
 
 
 _ROUND = np.float32(1.5 * 2 ** 23)      # adding and subtracting it rounds a float32 to an integer

@@ -235,7 +235,7 @@ class _Loop:
     gemv_blocks = {8: 4, 4: 4, 2: 4, 1: 2}
     gemv_chains = {8: 4, 4: 4, 2: 4, 1: 8}
     scaled = {8: False, 4: False, 2: False, 1: False}
-    gemm_shape = {8: (2, 8), 4: (2, 8), 2: (2, 8), 1: (2, 8)}
+    gemm_shape = {8: (2, 10), 4: (2, 10), 2: (2, 10), 1: (2, 10)}
     amx = False
 
     @property
@@ -304,8 +304,8 @@ class _AmxInt8(_Avx512Vnni):
 
 class _AvxVnni(_Loop):
     name, features, part_bytes = "avx-vnni", "+avx2,+avxvnni,-avx512f", 32
-    gemv_blocks = {8: 2, 4: 2, 2: 1, 1: 1}
-    gemv_chains = {8: 2, 4: 2, 2: 4, 1: 4}
+    gemv_blocks = {8: 4, 4: 2, 2: 1, 1: 2}
+    gemv_chains = {8: 1, 4: 1, 2: 4, 1: 2}
     scaled = {8: True, 4: True, 2: True, 1: False}
     gemm_shape = {8: (1, 6), 4: (1, 6), 2: (1, 6), 1: (1, 6)}
 
@@ -317,8 +317,8 @@ class _AvxVnni(_Loop):
 
 class _Avx2(_Loop):
     name, features, part_bytes = "avx2", "+avx2,-avx512f,-avxvnni,-gfni", 32
-    gemv_blocks = {8: 2, 4: 2, 2: 2, 1: 2}
-    gemv_chains = {8: 2, 4: 1, 2: 1, 1: 1}
+    gemv_blocks = {8: 4, 4: 4, 2: 4, 1: 4}
+    gemv_chains = {8: 1, 4: 1, 2: 1, 1: 1}
     gemm_shape = {8: (1, 4), 4: (1, 4), 2: (1, 4), 1: (1, 4)}
 
     def code_bias(self, bw):

@@ -216,10 +216,11 @@ def _cells(a, base, hard_i, hard_f, hard_o, h, c):
     hi, hf, ho = np.float32(hard_i), np.float32(hard_f), np.float32(hard_o)
     one = np.float32(1.0)
     for b in range(B):
-        hb, cb = h[b], c[b]
         r = base + b * 4 * H
-        for u in range(H):
-            zi, zf, zg, zo = a[r + u], a[r + H + u], a[r + 2 * H + u], a[r + 3 * H + u]
+        ai, af, ag, ao = a[r:r + H], a[r + H:r + 2 * H], a[r + 2 * H:r + 3 * H], a[r + 3 * H:r + 4 * H]
+        hb, cb = h[b], c[b]
+        for u in range(H):                      # (row views: LLVM proves them apart and vectorizes)
+            zi, zf, zg, zo = ai[u], af[u], ag[u], ao[u]
             gi = hi * np.float32(zi > 0) + (one - hi) * _sigmoid(zi)
             gf = hf * np.float32(zf > 0) + (one - hf) * _sigmoid(zf)
             go = ho * np.float32(zo > 0) + (one - ho) * _sigmoid(zo)
