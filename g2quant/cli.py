@@ -155,16 +155,25 @@ def cmd_finetune(args) -> int:
     try:
         q = quantize(model, bits=bits, method="qat", hard_gates=args.hard_gates)
         tcfg = TrainConfig(epochs=args.epochs, lr=args.lr, lr_decay=args.lr_decay, decay_after=1,
-                           max_batches=args.max_batches, seed=args.seed)
+                           max_batches=args.max_batches, seed=args.seed, optimizer=args.optimizer,
+                           momentum=args.momentum, distill_weight=args.distill,
+                           distill_temperature=args.distill_temperature)
     except ValueError as exc:
         raise CLIError(str(exc)) from None
+    teacher = None
+    if args.distill > 0:
+        teacher, _ = _load_model(args.checkpoint)     # the float model itself teaches its quantized copy
+        for p in teacher.parameters():
+            p.requires_grad_(False)
     say(args, f"QAT: {args.allocation or str(args.bits) + '-bit'} weights, int8 activations, hard gates: "
-              f"{args.hard_gates or 'none'} -> {args.out}")
+              f"{args.hard_gates or 'none'}, {args.optimizer}"
+              + (f", distilled from the float model (weight {args.distill}, T={args.distill_temperature})"
+                 if teacher is not None else "") + f" -> {args.out}")
     res = train_lm(q, corpus.train, corpus.valid, tcfg, args.out, resume=args.resume, progress=show_progress(args),
                    kind="quantized_word_lm", record_extra={"config": model.config.to_dict(),
                                                            "quant_config": q.config.to_dict(),
                                                            "data": args.data or record.get("data", "ptb")},
-                   log=lambda s: say(args, s))
+                   log=lambda s: say(args, s), teacher=teacher)
     print(f"best valid ppl {res.best_valid_ppl:.2f}; size {q.size_bytes() / 1e6:.2f} MB "
           f"(float {q.float_size_bytes() / 1e6:.2f} MB)")
     return 0
@@ -443,8 +452,13 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--hard-gates", type=_gates_arg, default="if", help="gates trained and deployed as 1[a>0] ('' for none)")
     f.add_argument("--epochs", type=_positive_int, default=1, help="epochs")
     f.add_argument("--max-batches", type=_positive_int, default=None, help="cap batches per epoch")
-    f.add_argument("--lr", type=_positive_float, default=2.0, help="SGD learning rate")
+    f.add_argument("--lr", type=_positive_float, default=2.0, help="learning rate (Adam: try 1e-3)")
     f.add_argument("--lr-decay", type=_positive_float, default=0.5, help="lr factor per epoch after the first")
+    f.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd", help="optimizer (state saved for --resume)")
+    f.add_argument("--momentum", type=float, default=0.0, help="SGD momentum")
+    f.add_argument("--distill", type=float, default=0.0, metavar="W",
+                   help="distillation weight in [0, 1]: loss = (1-W) CE + W T^2 KL to the float model's logits")
+    f.add_argument("--distill-temperature", type=_positive_float, default=2.0, help="distillation temperature T")
     run_folder(f)
     data(f, default=None)
     threads(f)

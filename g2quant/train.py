@@ -33,12 +33,18 @@ class TrainConfig:
     seed: int = 0
     time_budget: float | None = None   # seconds; stop early (for demos), checkpoint what was done
     max_batches: int | None = None     # per epoch; for tests and demos
+    optimizer: str = "sgd"             # "sgd" | "adam" (torch.optim; the lr follows lr_at(epoch))
+    momentum: float = 0.0              # SGD momentum
+    distill_weight: float = 0.0        # QAT: weight of the KL to a teacher's softened logits
+    distill_temperature: float = 2.0
 
     def __post_init__(self):
         checks = {"epochs": self.epochs >= 1, "lr": self.lr > 0, "lr_decay": 0 < self.lr_decay <= 1,
                   "decay_after": self.decay_after >= 0, "batch_size": self.batch_size >= 1,
                   "bptt": self.bptt >= 1, "clip": self.clip > 0, "eval_batch_size": self.eval_batch_size >= 1,
-                  "eval_bptt": self.eval_bptt >= 1}
+                  "eval_bptt": self.eval_bptt >= 1, "optimizer": self.optimizer in ("sgd", "adam"),
+                  "momentum": 0 <= self.momentum < 1, "distill_weight": 0 <= self.distill_weight <= 1,
+                  "distill_temperature": self.distill_temperature > 0}
         for name, ok in checks.items():
             if not ok:
                 raise ValueError(f"TrainConfig.{name} has an invalid value: {getattr(self, name)!r}")
@@ -115,16 +121,32 @@ def _broadcast_float(value: float, world: int) -> float:
     return float(t)
 
 
+def _optimizer(model: nn.Module, tcfg: TrainConfig):
+    params = [p for p in model.parameters() if p.requires_grad]
+    if tcfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=tcfg.lr)
+    return torch.optim.SGD(params, lr=tcfg.lr, momentum=tcfg.momentum)
+
+
+def _distill_loss(logits, teacher_logits, T: float):
+    """``T² · KL(softmax(teacher / T) ‖ softmax(student / T))`` per token (Hinton et al. 2015)."""
+    s = nn.functional.log_softmax(logits.reshape(-1, logits.size(-1)) / T, dim=-1)
+    t = nn.functional.log_softmax(teacher_logits.reshape(-1, logits.size(-1)) / T, dim=-1)
+    return nn.functional.kl_div(s, t, log_target=True, reduction="batchmean") * T * T
+
+
 def train_lm(model: nn.Module, train_data, valid_data, tcfg: TrainConfig, out_dir: str | os.PathLike, *,
              resume: bool = False, progress: bool = True, kind: str = "word_lm",
-             record_extra: dict | None = None, log=print) -> TrainResult:
+             record_extra: dict | None = None, log=print, teacher: nn.Module | None = None) -> TrainResult:
     """Train ``model`` (``forward(tokens [T,B], hidden) -> (logits, hidden)``) on a token stream.
 
     Writes ``out_dir/last.safetensors`` after every epoch and ``out_dir/best.safetensors`` when
     validation perplexity improves (both atomic), plus ``out_dir/history.json``. With
     ``resume=True`` the model, epoch counter and history are restored from ``last.safetensors``
     and training continues with the next epoch (each epoch reseeds from ``seed + epoch``, so
-    a resumed run equals an uninterrupted one).
+    a resumed run equals an uninterrupted one; an optimizer with state — Adam, momentum — is saved
+    beside the checkpoint and restored). ``teacher`` (with ``tcfg.distill_weight`` > 0): the loss is
+    ``(1 − w)·CE + w·T²·KL`` to the teacher's logits at temperature T (distillation for QAT).
 
     Under ``torchrun --nproc_per_node N`` each of the N ranks trains on a contiguous shard of
     ``train_data`` (batch ``batch_size`` per rank, state carried per rank); gradients are averaged
@@ -148,6 +170,7 @@ def train_lm(model: nn.Module, train_data, valid_data, tcfg: TrainConfig, out_di
         if not last.exists():
             raise FileNotFoundError(f"--resume: no checkpoint at {last} (start without --resume)")
         state, rec = load_checkpoint(last)
+        resume_rec = rec
         try:
             model.load_state_dict(state)
             start_epoch = int(rec["epoch"]) + 1
@@ -168,6 +191,16 @@ def train_lm(model: nn.Module, train_data, valid_data, tcfg: TrainConfig, out_di
         if not resume:
             log(f"{best} (valid ppl {kept:.2f}) is kept until this run beats it")
 
+    opt = _optimizer(model, tcfg)
+    stateful = tcfg.optimizer == "adam" or tcfg.momentum > 0
+    if resume and stateful:
+        from .train_mt import _load_optimizer
+        name = resume_rec.get("optimizer_state")
+        if not name:
+            raise CheckpointError(f"{last} has no saved optimizer state to resume {tcfg.optimizer} exactly")
+        _load_optimizer(out / name, opt, None, int(resume_rec["epoch"]))
+    if teacher is not None:
+        teacher.eval()
     streams = batchify(shard(train_data, rank, world), tcfg.batch_size)
     n_batches = (streams.size(0) - 1 + tcfg.bptt - 1) // tcfg.bptt
     if tcfg.max_batches:
@@ -176,8 +209,10 @@ def train_lm(model: nn.Module, train_data, valid_data, tcfg: TrainConfig, out_di
     for epoch in range(start_epoch, tcfg.epochs):
         torch.manual_seed(tcfg.seed + epoch)
         lr = tcfg.lr_at(epoch)
+        for group in opt.param_groups:
+            group["lr"] = lr
         model.train()
-        hidden = None
+        hidden = t_hidden = None
         total_loss, total_tokens = 0.0, 0
         t0 = time.time()
         batches = range(n_batches)
@@ -191,16 +226,19 @@ def train_lm(model: nn.Module, train_data, valid_data, tcfg: TrainConfig, out_di
             x, y = streams[i:i + seq], streams[i + 1:i + 1 + seq]
             hidden = detach_hidden(hidden)
             logits, hidden = model(x, hidden)
-            loss = nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
-            model.zero_grad(set_to_none=True)
+            loss = ce = nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
+            if teacher is not None and tcfg.distill_weight > 0:
+                with torch.no_grad():
+                    t_logits, t_hidden = teacher(x, t_hidden)
+                w = tcfg.distill_weight
+                loss = (1 - w) * ce + w * _distill_loss(logits, t_logits, tcfg.distill_temperature)
+            opt.zero_grad(set_to_none=True)
             loss.backward()
             if world > 1:
                 _all_average_grads(model, world)
             nn.utils.clip_grad_norm_(model.parameters(), tcfg.clip)
-            with torch.no_grad():
-                for p in model.parameters():
-                    if p.grad is not None:
-                        p.add_(p.grad, alpha=-lr)
+            opt.step()
+            loss = ce
             total_loss += loss.item() * y.numel()
             total_tokens += y.numel()
             if bar is not None and b % 50 == 0:
@@ -222,6 +260,10 @@ def train_lm(model: nn.Module, train_data, valid_data, tcfg: TrainConfig, out_di
         # best first, then last: whatever a crash interrupts, best.safetensors holds the best model that
         # any history records (resume reads its perplexity from the file itself)
         rec = _record(kind, model, tcfg, epoch, result.history, extra)
+        if stateful and rank == 0:
+            from .train_mt import _save_optimizer
+            rec["optimizer_state"] = f"optim.e{epoch}.safetensors"
+            _save_optimizer(out / rec["optimizer_state"], opt, None, epoch)
         if valid["ppl"] < result.best_valid_ppl:
             result.best_valid_ppl = valid["ppl"]
             if rank == 0:
@@ -229,6 +271,9 @@ def train_lm(model: nn.Module, train_data, valid_data, tcfg: TrainConfig, out_di
         if rank == 0:
             save_checkpoint(last, model, rec)
             (out / "history.json").write_text(json.dumps(result.history, indent=1))
+            for old in out.glob("optim.e*.safetensors"):          # the state of the last epoch is enough
+                if old.name != rec.get("optimizer_state"):
+                    old.unlink(missing_ok=True)
         if world > 1:
             import torch.distributed as dist
             dist.barrier()

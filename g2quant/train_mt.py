@@ -99,6 +99,7 @@ def make_optimizer(model: nn.Module, tcfg: MTTrainConfig):
 
 
 def _save_optimizer(path: Path, opt, sched, epoch: int) -> None:
+    """Write the optimizer (and scheduler, when given) state atomically as safetensors."""
     sd = opt.state_dict()
     tensors, scalars = {}, {}
     for pid, st in sd["state"].items():
@@ -107,7 +108,7 @@ def _save_optimizer(path: Path, opt, sched, epoch: int) -> None:
                 tensors[f"{pid}.{k}"] = v.detach().contiguous().cpu()
             else:
                 scalars[f"{pid}.{k}"] = v
-    meta = {"epoch": epoch, "param_groups": sd["param_groups"], "scalars": scalars, "scheduler": sched.state_dict()}
+    meta = {"epoch": epoch, "param_groups": sd["param_groups"], "scalars": scalars, "scheduler": sched.state_dict() if sched is not None else None}
     from safetensors.torch import save_file
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{path.name}.{os.getpid()}.", suffix=".tmp")
     os.close(fd)
@@ -138,7 +139,8 @@ def _load_optimizer(path: Path, opt, sched, epoch: int) -> None:
         state.setdefault(int(pid), {})[name] = v
     try:
         opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-        sched.load_state_dict(meta["scheduler"])
+        if sched is not None:
+            sched.load_state_dict(meta["scheduler"])
     except (KeyError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"{path}: the optimizer state does not fit this model and settings ({exc})") from None
 

@@ -4,6 +4,8 @@ import json
 import pytest
 import torch
 
+from g2quant.checkpoint import load_checkpoint
+
 from g2quant.cli import main
 from g2quant.compress import compress_gates, compress_tensor
 from g2quant.data.synthetic import synthetic_corpus
@@ -79,7 +81,10 @@ def test_cli_finetune_export_eval_and_errors(tmp_path, capsys):
                  "--out", str(ck), "--quiet", "--threads", "1"]) == 0
     qk = tmp_path / "qat"
     assert main(["finetune", str(ck / "best.safetensors"), "--data", "synthetic", "--bits", "3", "--max-batches", "5",
-                 "--out", str(qk), "--quiet", "--threads", "1"]) == 0
+                 "--optimizer", "adam", "--lr", "1e-3", "--distill", "0.5", "--out", str(qk), "--quiet",
+                 "--threads", "1"]) == 0
+    assert [p.name for p in qk.glob("optim.e*.safetensors")] == ["optim.e0.safetensors"]
+    assert load_checkpoint(qk / "last.safetensors")[1]["train_config"]["distill_weight"] == 0.5
     art = tmp_path / "m.g2q"
     assert main(["export", str(qk / "best.safetensors"), "--data", "synthetic", "--out", str(art),
                  "--threads", "1"]) == 0

@@ -53,18 +53,60 @@ def test_checkpoint_round_trip_including_tied(corpus, tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
 
 
-def test_resume_continues_where_it_stopped(corpus, tmp_path):
+@pytest.mark.parametrize("opt", [{}, {"momentum": 0.9, "lr": 2.0}, {"optimizer": "adam", "lr": 0.01}],
+                         ids=["sgd", "momentum", "adam"])
+def test_resume_continues_where_it_stopped(corpus, tmp_path, opt):
+    cfg = TrainConfig(**{**TCFG.__dict__, **opt})
     full = _model(corpus)
-    train_lm(full, corpus.train, corpus.valid, TCFG, tmp_path / "full", progress=False, log=lambda s: None)
+    train_lm(full, corpus.train, corpus.valid, cfg, tmp_path / "full", progress=False, log=lambda s: None)
     part = _model(corpus)
-    one = TrainConfig(**{**TCFG.__dict__, "epochs": 1})
+    one = TrainConfig(**{**cfg.__dict__, "epochs": 1})
     train_lm(part, corpus.train, corpus.valid, one, tmp_path / "part", progress=False, log=lambda s: None)
     fresh = _model(corpus)   # as if the process was killed and restarted
-    r = train_lm(fresh, corpus.train, corpus.valid, TCFG, tmp_path / "part", resume=True, progress=False,
+    r = train_lm(fresh, corpus.train, corpus.valid, cfg, tmp_path / "part", resume=True, progress=False,
                  log=lambda s: None)
     assert [h["epoch"] for h in r.history] == [1, 2]
     for (k, a), (_, b) in zip(full.state_dict().items(), fresh.state_dict().items()):
-        torch.testing.assert_close(b, a, msg=k)
+        torch.testing.assert_close(b, a, msg=k, atol=0, rtol=0)     # exact: the optimizer state came back
+    saved = sorted(p.name for p in (tmp_path / "part").glob("optim.e*.safetensors"))
+    assert saved == ([] if not opt else ["optim.e1.safetensors"])   # only the last epoch's state is kept
+
+
+def test_resume_without_optimizer_state_refuses(corpus, tmp_path):
+    cfg = TrainConfig(**{**TCFG.__dict__, "epochs": 1, "optimizer": "adam", "lr": 0.01})
+    train_lm(_model(corpus), corpus.train, corpus.valid, cfg, tmp_path, progress=False, log=lambda s: None)
+    (tmp_path / "optim.e0.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="optimizer state .* is missing"):
+        train_lm(_model(corpus), corpus.train, corpus.valid, TrainConfig(**{**cfg.__dict__, "epochs": 2}), tmp_path,
+                 resume=True, progress=False, log=lambda s: None)
+
+
+def test_distillation_pulls_the_student_to_the_teacher(corpus, tmp_path):
+    from g2quant.train import _distill_loss
+    x = torch.randn(4, 3, 7)
+    assert _distill_loss(x, x.clone(), 2.0).item() == pytest.approx(0.0, abs=1e-6)
+    assert _distill_loss(x, torch.randn(4, 3, 7), 2.0).item() > 0.01
+    torch.manual_seed(7)   # a teacher whose (random, peaked) predictions the data alone would not teach
+    teacher = WordLM(LMConfig(vocab_size=len(corpus.vocab), emb_size=24, hidden_size=24, gates="gumbel"))
+    with torch.no_grad():
+        teacher.decoder.weight.mul_(8.0)
+    teacher.eval()
+
+    def kl_to_teacher(m):
+        m.eval()
+        with torch.no_grad():
+            xb = torch.as_tensor(corpus.valid[:200]).view(20, 10)
+            return _distill_loss(m(xb)[0], teacher(xb)[0], 1.0).item()
+
+    runs = {}
+    for w in (0.0, 1.0):
+        torch.manual_seed(1)
+        student = WordLM(LMConfig(vocab_size=len(corpus.vocab), emb_size=24, hidden_size=24, gates="gumbel"))
+        cfg = TrainConfig(**{**TCFG.__dict__, "distill_weight": w, "epochs": 1})
+        train_lm(student, corpus.train, corpus.valid, cfg, tmp_path / f"s{w}", progress=False, log=lambda s: None,
+                 teacher=teacher)
+        runs[w] = kl_to_teacher(student)
+    assert runs[1.0] < 0.5 * runs[0.0], runs
 
 
 def test_damaged_checkpoints_fail_clearly(tmp_path):
