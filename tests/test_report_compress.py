@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from g2quant.checkpoint import load_checkpoint
-
 from g2quant.cli import main
 from g2quant.compress import compress_gates, compress_tensor
 from g2quant.data.synthetic import synthetic_corpus
