@@ -163,22 +163,19 @@ class G2LSTM(nn.Module):
         noise_gates = [k for k, g in enumerate(GATES) if noisy and g in self.gumbel_gates]
         return scale, hard, noise_gates
 
-    def _add_noise(self, zx, noise_gates, scale):
-        """Add scaled logistic noise to the pre-activations of the Gumbel gates; adjacent gate
-        blocks (i and f, in the internal order) share one draw."""
+    def _noise(self, zx, noise_gates, scale):
+        """Scaled logistic noise for the pre-activations of the Gumbel gates: ``(noise [T, B, K],
+        lo)`` over the gate columns ``lo … lo + K`` spanning the noisy gates (one draw; a gate
+        inside the span that is not noisy gets zeros)."""
         H = self.hidden_size
-        zx = zx.clone()
-        runs = []                                  # contiguous [first, last] gate-block runs
-        for k in noise_gates:
-            if runs and runs[-1][1] == k - 1:
-                runs[-1][1] = k
-            else:
-                runs.append([k, k])
-        for first, last in runs:
-            sl = slice(first * H, (last + 1) * H)
-            noise = logistic_noise(zx[..., sl].shape, p=self.noise_p, dtype=zx.dtype, device=zx.device)
-            zx[..., sl] += noise * scale[sl]
-        return zx
+        first, last = min(noise_gates), max(noise_gates)
+        lo, hi = first * H, (last + 1) * H
+        noise = logistic_noise((*zx.shape[:-1], hi - lo), p=self.noise_p, dtype=zx.dtype, device=zx.device)
+        col = scale[lo:hi].clone()
+        for k in range(first, last + 1):
+            if k not in noise_gates:
+                col[(k - first) * H:(k - first + 1) * H] = 0
+        return noise.mul_(col), lo
 
     def forward(self, input: torch.Tensor, hx: tuple[torch.Tensor, torch.Tensor] | None = None):
         if isinstance(input, nn.utils.rnn.PackedSequence):
@@ -246,11 +243,11 @@ class G2LSTM(nn.Module):
                 zx = torch.matmul(seq, w_zx.t())
                 if b is not None:
                     zx = zx + (to_ifog(b, H) * scale if scaled else to_ifog(b, H))
-                if noise_gates:
-                    zx = self._add_noise(zx, noise_gates, scale)
+                noise, lo = self._noise(zx, noise_gates, scale) if noise_gates else (None, 0)
                 k = layer * num_dir + d
                 hq = self.h_quant(layer)
-                out, h, c, gates = recurrence(zx, w_z, hx[0][k], hx[1][k], hard_cols=hard, quant_h=hq)
+                out, h, c, gates = recurrence(zx, w_z, hx[0][k], hx[1][k], hard_cols=hard, quant_h=hq,
+                                              noise=noise, noise_lo=lo)
                 if hq is not None:
                     self.observe_output(out.detach(), layer)
                 if self.gate_recorder is not None:

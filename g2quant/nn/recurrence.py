@@ -19,6 +19,9 @@ practice).
 """
 from __future__ import annotations
 
+import os
+
+import numpy as np
 import torch
 
 ACT_QMAX = 127.0
@@ -152,11 +155,106 @@ class LSTMRecurrence(torch.autograd.Function):
         return dz_all, d_w, dh, dc, None, None
 
 
-def recurrence(zx, w_z, h0, c0, *, hard_cols=None, quant_h=None):
+class FusedLSTMRecurrence(torch.autograd.Function):
+    """:class:`LSTMRecurrence` with the element-wise work of each step in one compiled call per
+    direction (``cell_kernels``): per step the forward is ``addmm`` + 1 call, the backward 1 call
+    + ``addmm``. Same inputs and outputs, plus ``noise [T, B, K]`` added to gate columns
+    ``noise_lo …`` (constant: no gradient)."""
+
+    @staticmethod
+    def forward(ctx, zx, w_z, h0, c0, hard_cols, quant_h, noise, noise_lo):
+        from .cell_kernels import lstm_forward_step
+        T, B, G = zx.shape
+        H = G // 4
+        H3 = 3 * H
+        dt = zx.dtype
+        w_t = w_z.detach().t()
+        act = zx.new_empty(T, B, G)
+        gates = zx.new_empty(T, B, H3) if hard_cols is not None else zx.new_empty(0, 0, 0)
+        c_all = zx.new_empty(T + 1, B, H)
+        tc_all = zx.new_empty(T, B, H)
+        out = zx.new_empty(T, B, H)
+        c_all[0] = c0
+        if quant_h is None:
+            qmode, qscale, hin_all = 0, 0.0, None
+        else:
+            qmode = 2 if isinstance(quant_h, torch.Tensor) else 1
+            qscale = float(quant_h) if qmode == 2 else 0.0
+            hin_all = zx.new_empty(T, B, H)
+            hin_all[0] = fake_quant_act(h0.detach(), quant_h if qmode == 2 else None)
+        np_ = lambda v: v.detach().numpy()   # noqa: E731  (shared memory, no copy)
+        hard_np = (hard_cols.to(torch.uint8).numpy() if hard_cols is not None
+                   else torch.zeros(0, dtype=torch.uint8).numpy())
+        noise_np = np_(noise.contiguous()) if noise is not None else np.zeros((0, 0, 0), dtype=np_(zx).dtype)
+        a_np, g_np, c_np, tc_np, o_np = (np_(v) for v in (act, gates, c_all, tc_all, out))
+        hin_np = np_(hin_all) if hin_all is not None else o_np
+        zx_t, act_t, out_t = zx.detach().unbind(0), act.unbind(0), out.unbind(0)
+        hin_t = hin_all.unbind(0) if hin_all is not None else None
+        h = h0.detach()
+        for t in range(T):
+            hin = hin_t[t] if hin_t is not None else h
+            torch.addmm(zx_t[t], hin, w_t, out=act_t[t])
+            lstm_forward_step(t, a_np, noise_np, noise_lo, hard_np, g_np, c_np, tc_np, o_np, hin_np, qmode, qscale)
+            h = out_t[t]
+        ctx.save_for_backward(w_z, act, gates, c_all, tc_all, h0, out, hin_all)
+        ctx.quantized = hin_all is not None
+        used = gates if hard_cols is not None else act[..., :H3]
+        ctx.mark_non_differentiable(used)
+        return out, h.clone(), c_all[T].clone(), used
+
+    @staticmethod
+    def backward(ctx, d_out, d_hT, d_cT, _d_gates):
+        from .cell_kernels import lstm_backward_step
+        w_z, act, gates, c_all, tc_all, h0, out, hin_all = ctx.saved_tensors
+        T, B, G = act.shape
+        H = G // 4
+        dh = d_hT.clone() if d_hT is not None else act.new_zeros(B, H)
+        dc = d_cT.contiguous().clone() if d_cT is not None else act.new_zeros(B, H)
+        if d_out is not None:
+            dh = dh + d_out[T - 1]
+        dh = dh.contiguous()
+        dz_all = torch.empty_like(act)
+        np_ = lambda v: v.detach().numpy()   # noqa: E731
+        a_np, g_np, c_np, tc_np, dz_np = (np_(v) for v in (act, gates, c_all, tc_all, dz_all))
+        dh_np, dc_np = np_(dh), np_(dc)
+        dz_t = dz_all.unbind(0)
+        d_out_t = d_out.unbind(0) if d_out is not None else None
+        w = w_z.detach()
+        for t in range(T - 1, -1, -1):
+            lstm_backward_step(t, dh_np, dc_np, a_np, g_np, c_np, tc_np, dz_np)
+            if t > 0 and d_out_t is not None:
+                torch.addmm(d_out_t[t - 1], dz_t[t], w, out=dh)
+            else:
+                torch.mm(dz_t[t], w, out=dh)
+        # dW = Σ_t dz_tᵀ h_{t-1}: the inputs of the product are hin (quantized) or (h0, out[:-1])
+        if hin_all is not None:
+            d_w = dz_all.reshape(T * B, G).t() @ hin_all.reshape(T * B, H)
+        else:
+            d_w = dz_all[0].t() @ h0.detach()
+            if T > 1:
+                d_w.addmm_(dz_all[1:].reshape((T - 1) * B, G).t(), out[:-1].reshape((T - 1) * B, H))
+        return dz_all, d_w, dh, dc, None, None, None, None
+
+
+def fused_available(zx: torch.Tensor) -> bool:
+    """The compiled step kernels apply: CPU float32/float64 tensors, not switched off with
+    ``G2QUANT_CELL=torch``."""
+    return (zx.device.type == "cpu" and zx.dtype in (torch.float32, torch.float64)
+            and os.environ.get("G2QUANT_CELL", "fused") != "torch")
+
+
+def recurrence(zx, w_z, h0, c0, *, hard_cols=None, quant_h=None, noise=None, noise_lo: int = 0):
     """Run the recurrence (see module docstring) over inputs in internal (i, f, o, g) order.
 
     Returns ``(out [T,B,H], h_T, c_T, gates [T,B,3H])`` where ``gates`` holds the i, f, o values
     used in the forward pass (non-differentiable; for statistics). ``hard_cols`` is a bool
-    ``[3H]`` mask of the i/f/o columns evaluated as ``1[z > 0]``.
+    ``[3H]`` mask of the i/f/o columns evaluated as ``1[z > 0]``. ``noise [T, B, K]`` is added
+    (without gradient) to the pre-activation columns ``noise_lo … noise_lo + K``.
     """
+    if fused_available(zx):
+        args = [t.contiguous() if isinstance(t, torch.Tensor) else t for t in (zx, w_z, h0, c0)]
+        return FusedLSTMRecurrence.apply(*args, hard_cols, quant_h, noise, noise_lo)
+    if noise is not None:
+        K = noise.shape[-1]
+        zx = torch.cat([zx[..., :noise_lo], zx[..., noise_lo:noise_lo + K] + noise, zx[..., noise_lo + K:]], dim=-1)
     return LSTMRecurrence.apply(zx, w_z, h0, c0, hard_cols, quant_h)
