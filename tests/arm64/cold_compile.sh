@@ -1,6 +1,7 @@
 #!/bin/sh
-# Cold and warm first-call seconds of one kernel loop (product entry at every storage width, then
-# the LM step), each in a fresh process, the first with an empty Numba cache. Inside the sandbox:
+# Cold and warm first-call seconds of one kernel loop (linear_fwd at every storage width, the 4-bit
+# lstm_layer_fwd, then a 4-bit LM engine), each in a fresh process, the first with an empty Numba
+# cache. Inside the sandbox:
 #   /work/shared/tools/arm64-sandbox run --cpu cortex-a76 -- sh tests/arm64/cold_compile.sh neon-dotprod
 loop="${1:?usage: cold_compile.sh LOOP}"
 cache="/tmp/numba-cold-$loop"
