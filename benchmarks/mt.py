@@ -5,6 +5,8 @@ Train one model (resumable: run the same command again after an interruption; ch
     G2QUANT_DATA=../shared/data python benchmarks/mt.py train --model g2 --threads 1
 Collect every trained model into benchmarks/results/mt_multi30k.json and print the Markdown table:
     G2QUANT_DATA=../shared/data python benchmarks/mt.py collect
+Quantization and compression of the trained models (resumable per row; benchmarks/results/mt_quant.json):
+    G2QUANT_DATA=../shared/data python benchmarks/mt.py quant --models g2 baseline
 
 Same seed, data order and schedule for all three (the paper's MT setting, Li et al. 2018: 2-layer
 encoder and decoder, embedding/hidden 256; Luong attention with input feeding): Adam lr 1e-3,
@@ -130,6 +132,117 @@ def cmd_collect(args) -> int:
     return 0
 
 
+QUANT_RESULTS = ROOT / "benchmarks" / "results" / "mt_quant.json"
+COMPRESSIONS = {  # the paper's MT compression table (Li et al. 2018, Table 3), on the i and f gate weights
+    "round r=0.5": dict(method="round", r=0.5),
+    "round r=0.5 & clip c=1.0": dict(method="round_clip", r=0.5, c=1.0),
+    "SVD rank 32": dict(method="svd", rank=32),
+    "SVD rank 16": dict(method="svd", rank=16),
+}
+
+
+def _width(w: str):
+    return w if w in ("binary", "ternary") else int(w)
+
+
+def cmd_quant(args) -> int:
+    """Rows per model: float (soft / hard i,f gates), PTQ per width x gates, QAT per requested
+    width (hard i,f gates), and the paper's compression of the i/f gate weights. Each row is
+    written to OUT/quant_rows.json as soon as it is measured; a rerun skips what is there."""
+    from g2quant.api import quantize
+    from g2quant.compress import compress_gates
+
+    torch.set_num_threads(args.threads)
+    data = load_multi30k(args.data_dir)
+    store = Path(args.out) / "quant_rows.json"
+    rows = json.loads(store.read_text()) if store.exists() else {}
+
+    def record(key: str, model_name: str, fn) -> None:
+        if key in rows:
+            return
+        t0 = time.time()
+        row = fn()
+        row.update(model=model_name, seconds=time.time() - t0)
+        rows[key] = row
+        tmp = store.with_suffix(".tmp")
+        tmp.write_text(json.dumps(rows, indent=1))
+        tmp.replace(store)
+        print(f"{key:45s} BLEU {row['test_bleu']:6.2f}  {row['size_mb']:.2f} MB  ({row['seconds']:.0f}s)", flush=True)
+
+    def bleu(m) -> float:
+        return evaluate_bleu(m, data.test, data.tgt_vocab, beam=args.beam)["bleu"]
+
+    def set_hard(m, gates):
+        for lstm in (m.encoder, m.decoder):
+            lstm.hard_gates = frozenset(gates)
+
+    for name in args.models:
+        ckpt = Path(args.out) / name / "best.safetensors"
+        if not ckpt.exists():
+            print(f"{name}: no {ckpt}; train it first", file=sys.stderr)
+            continue
+        model, rec = load_model(ckpt)
+        fsize = sum(p.numel() for p in model.parameters()) * 4 / 1e6
+        for gates in ("", "if"):
+            def float_row(g=gates):
+                set_hard(model, g)
+                r = {"method": "float", "bits": 32, "gates": g or "soft", "size_mb": fsize, "test_bleu": bleu(model)}
+                set_hard(model, "")
+                return r
+            record(f"{name}/float/{gates or 'soft'}", name, float_row)
+        for w in args.widths:
+            for gates in ("", "if"):
+                def ptq_row(w=w, g=gates):
+                    q = quantize(model, bits=_width(w), hard_gates=g)
+                    return {"method": "ptq", "bits": w, "gates": g or "soft", "size_mb": q.size_bytes() / 1e6,
+                            "test_bleu": bleu(q)}
+                record(f"{name}/ptq/{w}/{gates or 'soft'}", name, ptq_row)
+        for w in args.qat:
+            def qat_row(w=w):
+                q = quantize(model, bits=_width(w), method="qat", hard_gates="if")
+                tcfg = MTTrainConfig(epochs=args.qat_epochs, optimizer="adam", lr=args.qat_lr, schedule="constant",
+                                     batch_size=64, seed=0)
+                run = Path(args.out) / "qat" / f"{name}-w{w}-if"
+                r = train_mt(q, data, tcfg, run, resume=(run / "last.safetensors").exists(), progress=False,
+                             kind="quantized_seq2seq", log=lambda s: None,
+                             record_extra={"config": rec["config"], "quant_config": q.config.to_dict()})
+                best, _ = load_model(run / "best.safetensors")
+                return {"method": "qat", "bits": w, "gates": "if", "size_mb": best.size_bytes() / 1e6,
+                        "test_bleu": bleu(best), "qat_epochs": args.qat_epochs, "qat_lr": args.qat_lr,
+                        "valid_bleu_history": [h["valid_bleu"] for h in r.history]}
+            record(f"{name}/qat/{w}/if", name, qat_row)
+        for label, kw in COMPRESSIONS.items():
+            def comp_row(kw=kw, label=label):
+                m = compress_gates(model, gates="if", **kw)
+                return {"method": "compress", "bits": 32, "gates": "soft", "compression": label,
+                        "size_mb": fsize, "test_bleu": bleu(m)}
+            record(f"{name}/compress/{label}", name, comp_row)
+
+    by_model: dict = {}
+    for key, r in rows.items():
+        by_model.setdefault(r["model"], []).append((key, r))
+    for name, items in by_model.items():
+        ref = {g: rows.get(f"{name}/float/{g}", {}).get("test_bleu") for g in ("soft", "if")}
+        for _, r in items:
+            base = ref["if" if r["gates"] == "if" else "soft"]
+            r["delta_bleu_vs_float_same_gates"] = None if base is None else r["test_bleu"] - base
+    result = {"benchmark": "mt_quant", "command": "python benchmarks/mt.py quant --models " + " ".join(args.models),
+              "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
+              "bleu": f"Multi30k test, beam {args.beam}, tokenized lowercased, sacrebleu tokenize=none",
+              "activations": "int8 dynamic (per row) for every quantized row", "rows": rows}
+    dest = Path(args.results) if args.results else QUANT_RESULTS
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_text(json.dumps(result, indent=1))
+    print("\n| model | method | weights | gates | size MB | test BLEU | Δ vs float (same gates) |\n|---|---|---|---|---|---|---|")
+    for key, r in rows.items():
+        d = r.get("delta_bleu_vs_float_same_gates")
+        what = r.get("compression", r["bits"])
+        print(f"| {r['model']} | {r['method']} | {what} | {r['gates']} | {r['size_mb']:.2f} | {r['test_bleu']:.2f} | "
+              f"{'' if d is None else f'{d:+.2f}'} |")
+    print(f"wrote {dest}")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -147,11 +260,22 @@ def main(argv=None) -> int:
     c = sub.add_parser("collect", help="gather result.json files into the results JSON and print the table")
     c.add_argument("--results", default=None, help=f"output JSON (default {RESULTS.relative_to(ROOT)}, or "
                                                     "OUT/mt_multi30k.json for smoke runs)")
-    for p in (t, c):
+    q = sub.add_parser("quant", help="PTQ / QAT / compression rows of the trained models")
+    q.add_argument("--models", nargs="+", choices=sorted(MODELS), default=["g2", "baseline"], help="trained models")
+    q.add_argument("--widths", type=lambda s: s.split(","), default="8,4,3,2,ternary,binary".split(","),
+                   help="PTQ weight widths (comma-separated)")
+    q.add_argument("--qat", type=lambda s: [w for w in s.split(",") if w], default=["4", "2", "ternary"],
+                   help="QAT widths with hard i,f gates (comma-separated; '' for none)")
+    q.add_argument("--qat-epochs", type=int, default=1, help="QAT epochs")
+    q.add_argument("--qat-lr", type=float, default=1e-4, help="QAT Adam learning rate")
+    q.add_argument("--beam", type=int, default=5, help="beam for test BLEU")
+    q.add_argument("--threads", type=int, default=1, help="torch threads")
+    q.add_argument("--results", default=None, help=f"output JSON (default {QUANT_RESULTS.relative_to(ROOT)})")
+    for p in (t, c, q):
         p.add_argument("--out", default=str(ROOT / "runs" / "mt_multi30k"), help="run folders")
         p.add_argument("--data-dir", default=None, help="folder holding the Multi30k tok files")
     args = ap.parse_args(argv)
-    return cmd_train(args) if args.cmd == "train" else cmd_collect(args)
+    return {"train": cmd_train, "collect": cmd_collect, "quant": cmd_quant}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -141,8 +141,15 @@ def cmd_finetune(args) -> int:
     _set_torch_threads(args)
     _check_run_folder(args)
     model, record = _load_model(args.checkpoint)
+    if record.get("kind") == "seq2seq":
+        from .cli_mt import cmd_finetune_mt
+        return cmd_finetune_mt(args, model, record)
     if record.get("kind") != "word_lm":
-        raise CLIError(f"{args.checkpoint} is not a float word-LM checkpoint (kind {record.get('kind')!r})")
+        raise CLIError(f"{args.checkpoint} is not a float word-LM or seq2seq checkpoint (kind {record.get('kind')!r})")
+    if args.optimizer is None:
+        args.optimizer = "sgd"
+    if args.lr is None:
+        args.lr = 2.0
     corpus = load_corpus(args, args.data or record.get("data", "ptb"))
     _check_vocab_size(model, corpus, args)
     bits = args.bits
@@ -348,7 +355,10 @@ EPILOGS = {
     "eval": "examples:\n  g2quant eval runs/g2-small/best.safetensors --hard-gates if     # checkpoint, torch\n"
             "  g2quant eval model.g2q --data ptb --split test                   # artifact, its engine\n"
             "  g2quant eval model.g2q --text notes.txt --json",
-    "finetune": "example:\n  g2quant finetune runs/g2-small/best.safetensors --bits 4 --hard-gates if --out runs/g2-w4",
+    "finetune": "examples:\n  g2quant finetune runs/g2-small/best.safetensors --bits 4 --hard-gates if --out runs/g2-w4\n"
+                "  g2quant finetune runs/g2-small/best.safetensors --bits 2 --distill 0.5 --optimizer adam --lr 1e-3 "
+                "--epochs 4 --out runs/g2-w2\n"
+                "  g2quant finetune runs/mt-g2/best.safetensors --bits 4 --hard-gates if --epochs 2 --out runs/mt-g2-w4",
     "report": "example:\n  g2quant report runs/g2-small/best.safetensors --widths 8,4,2 --out runs/report",
     "export": "example:\n  g2quant export runs/g2-w4/best.safetensors --out g2-w4.g2q",
     "run": "examples:\n  g2quant run g2-w4.g2q --prompt \"the company said\" --max-tokens 20\n"
@@ -445,16 +455,20 @@ def build_parser() -> argparse.ArgumentParser:
     threads(d)
 
     f = add("finetune", cmd_finetune, "quantization-aware fine-tuning (QAT) from a float checkpoint")
-    f.add_argument("checkpoint", help="float checkpoint")
+    f.add_argument("checkpoint", help="float checkpoint (word LM or seq2seq)")
     f.add_argument("--bits", type=_bits_arg, default=4, help="2..8, binary or ternary")
     f.add_argument("--allocation", default=None, help="an allocation.json from `g2quant allocate` (per-matrix widths; "
                                                       "overrides --bits)")
     f.add_argument("--hard-gates", type=_gates_arg, default="if", help="gates trained and deployed as 1[a>0] ('' for none)")
     f.add_argument("--epochs", type=_positive_int, default=1, help="epochs")
     f.add_argument("--max-batches", type=_positive_int, default=None, help="cap batches per epoch")
-    f.add_argument("--lr", type=_positive_float, default=2.0, help="learning rate (Adam: try 1e-3)")
+    f.add_argument("--lr", type=_positive_float, default=None,
+                   help="learning rate (default: 2.0 for SGD on a word LM, 1e-4 for Adam on a seq2seq model)")
     f.add_argument("--lr-decay", type=_positive_float, default=0.5, help="lr factor per epoch after the first")
-    f.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd", help="optimizer (state saved for --resume)")
+    f.add_argument("--optimizer", choices=["sgd", "adam"], default=None,
+                   help="optimizer, state saved for --resume (default: sgd for a word LM, adam for seq2seq)")
+    f.add_argument("--batch-size", type=_positive_int, default=None, help="seq2seq: sentences per batch (default: "
+                                                                          "as the float model was trained)")
     f.add_argument("--momentum", type=float, default=0.0, help="SGD momentum")
     f.add_argument("--distill", type=float, default=0.0, metavar="W",
                    help="distillation weight in [0, 1]: loss = (1-W) CE + W T^2 KL to the float model's logits")

@@ -245,6 +245,58 @@ def cmd_train_mt(args) -> int:
     return 0
 
 
+def cmd_finetune_mt(args, model, record) -> int:
+    """``g2quant finetune`` of a seq2seq checkpoint: QAT of the whole model (embeddings, encoder,
+    attention, decoder, output layer) on the corpus it was trained on, selected by validation BLEU."""
+    from .api import quantize
+    from .checkpoint import CheckpointError
+    from .train_mt import MTTrainConfig, train_mt
+
+    if args.distill:
+        raise CLIError("--distill applies to word LMs; seq2seq QAT trains on the references")
+    name = record.get("data", "multi30k")
+    if args.data not in (None, name):
+        raise CLIError(f"{args.checkpoint} was trained on {name}; finetune it on the same corpus (drop --data)")
+    args.allow_sample = bool(record.get("sample"))
+    data = load_data(args, name)
+    if list(data.src_vocab.tokens) != record.get("vocab", {}).get("src") or \
+            list(data.tgt_vocab.tokens) != record.get("vocab", {}).get("tgt"):
+        raise CLIError(f"the {name} corpus found here gives other vocabularies than {args.checkpoint} was trained "
+                       "with (other BPE merges or files); point --data-dir at the same corpus")
+    bits = args.bits
+    if args.allocation:
+        from .allocate import Allocation
+        try:
+            bits = Allocation.load(args.allocation).bits_map()
+        except ValueError as exc:
+            raise CLIError(str(exc)) from None
+    trained = record.get("train_config") or {}
+    try:
+        q = quantize(model, bits=bits, method="qat", hard_gates=args.hard_gates)
+        tcfg = MTTrainConfig(epochs=args.epochs, optimizer=args.optimizer or "adam",
+                             lr=args.lr if args.lr is not None else 1e-4, momentum=args.momentum,
+                             batch_size=args.batch_size or trained.get("batch_size", 64),
+                             label_smoothing=trained.get("label_smoothing", 0.1), clip=trained.get("clip", 5.0),
+                             schedule="constant", seed=args.seed, max_batches=args.max_batches,
+                             valid_limit=trained.get("valid_limit"))
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
+    say(args, f"QAT of the seq2seq model: {args.allocation or str(args.bits) + '-bit'} weights, int8 activations, "
+              f"hard gates: {args.hard_gates or 'none'}, {tcfg.optimizer} lr {tcfg.lr:g}, {tcfg.epochs} epoch(s) on "
+              f"{data.name} -> {args.out}")
+    import warnings
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="IWSLT14 train-sample")    # said once, by load_data
+            res = train_mt(q, data, tcfg, args.out, resume=args.resume, progress=show_progress(args),
+                           kind="quantized_seq2seq", log=lambda s: say(args, s),
+                           record_extra={"config": record["config"], "quant_config": q.config.to_dict()})
+    except (FileNotFoundError, CheckpointError) as exc:
+        raise CLIError(str(exc)) from None
+    print(f"best valid BLEU {res.best:.2f}; size {q.size_bytes() / 1e6:.2f} MB (float {q.float_size_bytes() / 1e6:.2f} MB)")
+    return 0
+
+
 def cmd_translate(args) -> int:
     from .evaluate_mt import translate_lines
 

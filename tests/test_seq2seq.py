@@ -353,6 +353,20 @@ def test_cli_train_translate_eval(data_root, tmp_path, monkeypatch, capsys):
     res = json.loads(capsys.readouterr().out)
     assert res["data"] == "iwslt14" and res["sentences"] == 8 and "tok:none" in res["signature"]
     assert any("pipeline check" in n for n in res["notes"])
+    qat = tmp_path / "qat"                                                  # seq2seq QAT through `finetune`
+    assert _main(["finetune", str(out / "best.safetensors"), "--bits", "4", "--hard-gates", "if", "--max-batches",
+                  "2", "--out", str(qat), "--threads", "1", "-q"], monkeypatch) == 0
+    assert "best valid BLEU" in capsys.readouterr().out
+    from g2quant.checkpoint import load_checkpoint
+    rec = load_checkpoint(qat / "best.safetensors")[1]
+    assert rec["kind"] == "quantized_seq2seq" and rec["train_config"]["optimizer"] == "adam"
+    assert rec["quant_config"]["hard_gates"] == "if" and rec["vocab"] == load_checkpoint(out / "best.safetensors")[1]["vocab"]
+    assert _main(["eval-mt", str(qat), "--split", "valid", "--limit", "4", "--beam", "2", "--json", "-q"],
+                 monkeypatch) == 0
+    assert json.loads(capsys.readouterr().out)["sentences"] == 4
+    assert _main(["finetune", str(out / "best.safetensors"), "--distill", "0.5", "--out", str(tmp_path / "q2"), "-q"],
+                 monkeypatch) == 2
+    assert "--distill applies to word LMs" in capsys.readouterr().err
     assert _main(["eval-mt", str(tmp_path / "nothing.safetensors"), "-q"], monkeypatch) == 2
     assert "does not exist" in capsys.readouterr().err
     assert _main(["train-mt", "--data", "iwslt14", "--out", str(tmp_path / "r2"), "--no-download"] + small,
