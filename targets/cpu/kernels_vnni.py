@@ -18,18 +18,19 @@ loop iteration), R to 16; pads hold the code of q = 0.
 Kernels (per storage width ``bw`` and loop; the last intrinsic argument is the loop id as a
 Numba *literal*, so only that loop's IR is emitted):
 - ``gemv_u{bw}``: up to ``gemv_blocks`` row blocks × one vector (batch 1). Several blocks are
-  in flight (independent streams and accumulator chains); the next group of blocks is
-  prefetched while this one runs. On the VNNI loops the sub-byte planes are isolated with one
-  ``and`` each, left in place (plane p of a line is ``2^(p·bw)``·code), each plane has its own
-  accumulator and the epilogue shifts it back (exact: no accumulator can wrap while
-  ``K ≤ MAX_COLS_SUBBYTE``).
+  in flight (independent streams and accumulator chains; no software prefetch: the hardware
+  streamers do better, an explicit one a group ahead thrashed L1 for 8-bit rows). On the VNNI
+  loops the sub-byte planes are isolated with one ``and`` each, left in place (plane p of a line
+  is ``2^(p·bw)``·code), each plane has its own accumulator and the epilogue shifts it back
+  (exact: no accumulator can wrap while ``K ≤ MAX_COLS_SUBBYTE``).
 - ``gemm_u{bw}``: a register-blocked micro-kernel, ``gemm_shape = (RB blocks, NV vectors)`` of
   accumulators; each line is loaded and unpacked once per call and feeds all NV vectors, the
   x dword is a broadcast operand.
-- ``amx_u{bw}`` (loop ``amx-int8``): 2 blocks × all vectors on AMX tiles. The layout is the
-  AMX B-tile layout already (16 k-groups × 16 rows × 4 bytes); the kernel unpacks the two
-  blocks' codes once into a scratch buffer, then runs ``tdpbsud`` (signed x × unsigned codes)
-  over vector groups of 2 × 16 (4 int32 C tiles), one K step of 64 columns at a time.
+- ``amx_u{bw}`` (loop ``amx-int8``, batches of ≥ 16 vectors): block pairs × all vectors on AMX
+  tiles. The layout is the AMX B-tile layout already (16 k-groups × 16 rows × 4 bytes); the
+  kernel unpacks a pair's codes once into a scratch buffer, then runs ``tdpbsud`` (signed x ×
+  unsigned codes) over vector groups of 2 × 16 (4 int32 C tiles), one K step of 64 columns at a
+  time.
 All store ``out[r] (+)= s_r·s_x·(mult·Σu·x − offset·Σx) (+ bias[r])`` straight from the 16
 lanes of a block's accumulator (``flags`` bit 1: add to out first, bit 0: add bias last).
 
@@ -426,6 +427,14 @@ class _Portable(_Loop):
         return b.sext(v, ir.VectorType(I16, 32))
 
     def dot(self, b, acc, codes, xop, bw):
+        if bw == 8:                 # one i16 product per lane fits: widen pairs at once (x86: vpmaddwd)
+            v16i32 = ir.VectorType(I32, 16)
+            c16 = b.zext(codes, ir.VectorType(I16, 32))
+            ev, od = list(range(0, 32, 2)), list(range(1, 32, 2))
+            pair = b.add(b.mul(b.sext(_shuffle(b, c16, ev), v16i32), b.sext(_shuffle(b, xop, ev), v16i32)),
+                         b.mul(b.sext(_shuffle(b, c16, od), v16i32), b.sext(_shuffle(b, xop, od), v16i32)))
+            acc.values[0] = b.add(acc.values[0], pair)
+            return
         prod = b.mul(b.zext(codes, ir.VectorType(I16, 32)), xop)
         acc.pending = prod if acc.pending is None else b.add(acc.pending, prod)
         acc.count += 1
