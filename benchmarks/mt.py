@@ -5,6 +5,9 @@ Train one model (resumable: run the same command again after an interruption; ch
     G2QUANT_DATA=../shared/data python benchmarks/mt.py train --model g2 --threads 1
 Collect every trained model into benchmarks/results/mt_multi30k.json and print the Markdown table:
     G2QUANT_DATA=../shared/data python benchmarks/mt.py collect
+Translation speed (sentences/s, beam 5, batch 1 and 32: engine 4-bit artifact vs torch fp32 vs torch int8
+dynamic, side by side; benchmarks/results/mt_speed.json):
+    G2QUANT_DATA=../shared/data python benchmarks/mt.py speed --model g2 --threads 1
 Quantization and compression of the trained models (resumable per row; benchmarks/results/mt_quant.json):
     G2QUANT_DATA=../shared/data python benchmarks/mt.py quant --models g2 baseline
 
@@ -243,6 +246,100 @@ def cmd_quant(args) -> int:
     return 0
 
 
+SPEED_RESULTS = ROOT / "benchmarks" / "results" / "mt_speed.json"
+
+
+def torch_lstm_copy(model):
+    """A copy of a seq2seq model whose G2LSTMs (eval mode: plain sigmoid gates) are ``nn.LSTM``s with the
+    same weights, so that ``torch.ao.quantization.quantize_dynamic`` applies to them."""
+    import copy
+
+    from torch import nn
+
+    from g2quant.nn import G2LSTM
+    m = copy.deepcopy(model).eval()
+    for name in ("encoder", "decoder"):
+        g = getattr(m, name)
+        if not isinstance(g, G2LSTM) or g.gates == "sharpened" or g.hard_gates:
+            raise ValueError(f"{name}: only sigmoid/gumbel gates without hard gates act as nn.LSTM in eval")
+        lstm = nn.LSTM(g.input_size, g.hidden_size, g.num_layers, bias=g.bias, dropout=g.dropout,
+                       bidirectional=g.bidirectional)
+        lstm.load_state_dict(g.state_dict())
+        setattr(m, name, lstm.eval())
+    return m
+
+
+def cmd_speed(args) -> int:
+    import tempfile
+
+    import numpy as np
+
+    import g2quant
+    from g2quant.api import quantize
+    from g2quant.evaluate_mt import corpus_bleu, translate_ids
+    from g2quant.data.translation import remove_bpe
+    from g2quant.export_seq2seq import export_seq2seq
+    from g2quant.targets.cpu import isa
+
+    torch.set_num_threads(args.threads)
+    data = load_multi30k(args.data_dir)
+    ckpt = Path(args.out) / args.model / "best.safetensors"
+    model, rec = load_model(ckpt)
+    peers = {"torch fp32": model}
+    ref_model = torch_lstm_copy(model)
+    peers["torch int8 dynamic"] = torch.ao.quantization.quantize_dynamic(ref_model, {torch.nn.LSTM, torch.nn.Linear},
+                                                                        dtype=torch.qint8)
+    q = quantize(model, bits=args.bits, hard_gates=args.hard_gates)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = export_seq2seq(q, Path(tmp) / "mt.g2q", src_vocab=rec["vocab"]["src"], tgt_vocab=rec["vocab"]["tgt"],
+                              bpe_codes=rec["bpe_codes"], validation={})
+        t0 = time.time()
+        engine = g2quant.load(path)
+        engine.translate_ids([[3, 2]], beam=args.beam, batch_size=1)       # compile / warm
+        first_call = time.time() - t0
+    peers[f"g2quant engine {args.bits}-bit" + (f" hard {args.hard_gates}" if args.hard_gates else "")] = engine
+    rows = []
+    for batch, n in ((1, args.sentences_batch1), (32, len(data.test.src))):
+        src = data.test.src[:n]
+        refs = data.test.refs[:n]
+        for name, m in peers.items():
+            translate_ids(m, src[:4], beam=args.beam, batch_size=batch)     # warm
+            t0 = time.perf_counter()
+            hyps = translate_ids(m, src, beam=args.beam, batch_size=batch)
+            dt = time.perf_counter() - t0
+            bleu = corpus_bleu([remove_bpe(data.tgt_vocab.decode(h)) for h in hyps], refs).score
+            rows.append({"runner": name, "batch": batch, "sentences": n, "seconds": dt, "sentences_per_s": n / dt,
+                         "bleu_on_these": bleu})
+            print(f"batch {batch:2d} {name:34s} {n / dt:8.1f} sent/s  BLEU {bleu:.2f}", flush=True)
+    for r in rows:
+        base = next(x for x in rows if x["batch"] == r["batch"] and x["runner"] == "torch fp32")
+        r["speedup_vs_torch_fp32"] = r["sentences_per_s"] / base["sentences_per_s"]
+    result = {"benchmark": "mt_speed", "command": f"python benchmarks/mt.py speed --model {args.model} --threads "
+              f"{args.threads} --bits {args.bits}" + (f" --hard-gates {args.hard_gates}" if args.hard_gates else ""),
+              "machine": platform.processor() or platform.machine(), "cpu": _cpu_name(), "threads": args.threads,
+              "kernels": isa.describe(), "beam": args.beam, "torch": torch.__version__,
+              "engine_load_and_first_call_seconds": first_call, "note": "batches group sentences of equal source "
+              "length (at most the batch size)", "rows": rows}
+    dest = Path(args.results) if args.results else SPEED_RESULTS
+    dest.write_text(json.dumps(result, indent=1))
+    print("\n| batch | runner | sentences/s | × torch fp32 | BLEU |\n|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['batch']} | {r['runner']} | {r['sentences_per_s']:.1f} | {r['speedup_vs_torch_fp32']:.2f} | "
+              f"{r['bleu_on_these']:.2f} |")
+    print(f"wrote {dest}")
+    return 0
+
+
+def _cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -271,11 +368,19 @@ def main(argv=None) -> int:
     q.add_argument("--beam", type=int, default=5, help="beam for test BLEU")
     q.add_argument("--threads", type=int, default=1, help="torch threads")
     q.add_argument("--results", default=None, help=f"output JSON (default {QUANT_RESULTS.relative_to(ROOT)})")
-    for p in (t, c, q):
+    sp = sub.add_parser("speed", help="translation speed: engine vs torch fp32 vs torch int8 dynamic")
+    sp.add_argument("--model", choices=sorted(MODELS), default="g2", help="trained model")
+    sp.add_argument("--bits", type=int, default=4, help="engine weight width")
+    sp.add_argument("--hard-gates", default="if", help="engine hard gates ('' for none)")
+    sp.add_argument("--beam", type=int, default=5, help="beam")
+    sp.add_argument("--threads", type=int, default=1, help="threads (torch and engine)")
+    sp.add_argument("--sentences-batch1", type=int, default=200, help="test sentences timed at batch 1")
+    sp.add_argument("--results", default=None, help=f"output JSON (default {SPEED_RESULTS.relative_to(ROOT)})")
+    for p in (t, c, q, sp):
         p.add_argument("--out", default=str(ROOT / "runs" / "mt_multi30k"), help="run folders")
         p.add_argument("--data-dir", default=None, help="folder holding the Multi30k tok files")
     args = ap.parse_args(argv)
-    return {"train": cmd_train, "collect": cmd_collect, "quant": cmd_quant}[args.cmd](args)
+    return {"train": cmd_train, "collect": cmd_collect, "quant": cmd_quant, "speed": cmd_speed}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -43,17 +43,24 @@ def add_commands(add, c) -> None:
 
     t = add("targets", cmd_targets, "list the deployment targets and the shipped kernel profiles")
     t.epilog = EPILOGS["targets"]
+    t.add_argument("--json", action="store_true", help="print the targets and profiles as JSON")
 
 
 def cmd_targets(args) -> int:
     from .profiles import shipped
     from .targets.base import BUILTIN, get_target
+    targets = {}
     for name in sorted(BUILTIN):
         try:
-            print(f"{name:10s} {get_target(name).description}")
+            targets[name] = {"available": True, "description": get_target(name).description}
         except ImportError as exc:
-            print(f"{name:10s} (unavailable: {exc})")
+            targets[name] = {"available": False, "description": f"unavailable: {exc}"}
     prof = shipped()
+    if args.json:
+        print(json.dumps({"targets": targets, "profiles": {k: str(v) for k, v in prof.items()}}, indent=2))
+        return 0
+    for name, t in targets.items():
+        print(f"{name:10s} {t['description'] if t['available'] else '(' + t['description'] + ')'}")
     print("kernel profiles: " + (", ".join(prof) if prof else "none shipped") + "; `g2quant profile` measures this machine")
     return 0
 

@@ -140,3 +140,17 @@ def test_latency_profile_fits_and_round_trips(tmp_path):
     assert big >= small
     with pytest.raises(ValueError, match="no timings for 2-bit"):
         prof.seconds((64, 64), 2)
+
+
+def test_cli_targets_lists_every_registered_target_and_the_shipped_profiles(capsys):
+    from g2quant.cli import main
+    from g2quant.profiles import shipped
+    from g2quant.targets.base import BUILTIN
+    assert main(["targets", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert sorted(out["targets"]) == sorted(BUILTIN)
+    assert out["targets"]["cpu"]["available"] is True
+    assert sorted(out["profiles"]) == sorted(shipped())
+    assert main(["targets"]) == 0
+    text = capsys.readouterr().out
+    assert all(name in text for name in BUILTIN) and "kernel profiles:" in text

@@ -63,3 +63,22 @@ def test_runtime_rejects_bad_beam(qmodel, tmp_path):
     rt = g2quant.load(export_seq2seq(qmodel, tmp_path / "mt.g2q"))
     with pytest.raises(ValueError, match="beam must be a positive integer"):
         rt.beam_search(np.ones((3, 1), np.int64) * 5, beam=0)
+
+
+@pytest.mark.parametrize("delta", [0.01, 1.0])
+def test_export_refuses_graphs_that_do_not_reproduce_the_model(qmodel, tmp_path, monkeypatch, delta):
+    """Even with hard gates (where one probe may see a gate flip at z ≈ 0) a graph with one output
+    bias off by 0.01 (or 1.0) is refused, and nothing is written."""
+    import g2quant.export_seq2seq as ex
+    orig = ex.lower_seq2seq
+
+    def broken(q):
+        graphs, md = orig(q)
+        b = graphs["generator"].params["generator.bias"].copy()
+        b[5] += np.float32(delta)
+        graphs["generator"].params["generator.bias"] = b
+        return graphs, md
+    monkeypatch.setattr(ex, "lower_seq2seq", broken)
+    with pytest.raises(g2quant.lower.ExportError, match="do not reproduce the model"):
+        export_seq2seq(qmodel, tmp_path / "bad.g2q")
+    assert not (tmp_path / "bad.g2q").exists()
