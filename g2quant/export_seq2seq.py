@@ -74,25 +74,28 @@ def lower_seq2seq(qmodel) -> tuple[dict[str, Graph], dict]:
 
 @torch.no_grad()
 def check_seq2seq(qmodel, runtime, *, steps: int = 6, batch: int = 3, seed: int = 0) -> float:
-    """Largest relative logit difference between torch and ``runtime`` over a few decode steps."""
+    """Largest relative logit difference between torch (its exact recurrence, see
+    ``g2quant.nn.recurrence.exact_recurrence``) and ``runtime`` over a few decode steps."""
     from .lower import agreement
+    from .nn.recurrence import exact_recurrence
     m = getattr(qmodel, "model", qmodel)
     was = qmodel.training
     qmodel.eval()
     try:
-        g = torch.Generator().manual_seed(seed)
-        src = torch.randint(4, m.config.src_vocab_size, (7, batch), generator=g)
-        memory, state = m.encode(src)
-        feed = m.init_feed(batch)
-        mem_r, st_r = runtime.encode(src.numpy())
-        feed_r = runtime.init_feed(batch)
-        prev = torch.full((batch,), m.config.bos_id, dtype=torch.long)
-        worst = 0.0
-        for _ in range(steps):
-            logits, state, feed = m.decode_step(prev, state, feed, memory)
-            lr, st_r, feed_r = runtime.decode_step(prev.numpy(), st_r, feed_r, mem_r)
-            worst = max(worst, agreement(lr, logits.numpy()))
-            prev = logits.argmax(-1)
+        with exact_recurrence():
+            g = torch.Generator().manual_seed(seed)
+            src = torch.randint(4, m.config.src_vocab_size, (7, batch), generator=g)
+            memory, state = m.encode(src)
+            feed = m.init_feed(batch)
+            mem_r, st_r = runtime.encode(src.numpy())
+            feed_r = runtime.init_feed(batch)
+            prev = torch.full((batch,), m.config.bos_id, dtype=torch.long)
+            worst = 0.0
+            for _ in range(steps):
+                logits, state, feed = m.decode_step(prev, state, feed, memory)
+                lr, st_r, feed_r = runtime.decode_step(prev.numpy(), st_r, feed_r, mem_r)
+                worst = max(worst, agreement(lr, logits.numpy()))
+                prev = logits.argmax(-1)
     finally:
         qmodel.train(was)
     return worst

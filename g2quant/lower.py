@@ -549,8 +549,9 @@ def lower(model: nn.Module, example=None) -> tuple[Graph, torch.Tensor, torch.Te
     rnn = next((m for m in layers if hasattr(m, "batch_first") and hasattr(m, "hidden_size")), None)
     layout = "bt" if (rnn is not None and rnn.batch_first) else "tb"
     cap._set(x, _Val("tokens" if tokens else "seq", "input", layout))
+    from .nn.recurrence import exact_recurrence
     try:
-        with cap:
+        with cap, exact_recurrence():
             out = model(x)
     except ExportError:
         raise

@@ -314,6 +314,42 @@ def test_lstm_layer_matches_reference(path, T, B, hard):
             assert_close(c, c_ref)
 
 
+def _gru_layer(path, w_ih, w_hh, b_ih, b_hh, hard, reverse, x, h):
+    """``gru_layer_fwd`` on matrices packed the way the gru program packs them."""
+    H = h.shape[1]
+    ctx = programs.BuildContext(isa.loop_id(path))
+    ki, kh = ctx.pack(w_ih), ctx.pack(w_hh)
+    out = np.full((x.shape[0], x.shape[1], H + 3), np.nan, np.float32)
+    lits = (ctx.loop, ki.bw, kh.bw)
+    args = (ki.data, ki.nlines, ki.scale, kh.data, kh.nlines, kh.scale, K.padded(b_ih, 3 * H), K.padded(b_hh, 3 * H),
+            "r" in hard, "z" in hard, reverse, x, h, out, 2)
+    pk.specialize(pk.gru_layer_fwd, lits, args)(*lits, *args)
+    assert np.isnan(out[..., :2]).all() and np.isnan(out[..., 2 + H:]).all()
+    return out[..., 2:2 + H]
+
+
+@pytest.mark.parametrize("T,B", [(1, 1), (1, 3), (6, 1), (5, 20)])
+@pytest.mark.parametrize("hard", ["", "r", "rz"])
+def test_gru_layer_matches_reference(path, T, B, hard):
+    """Tolerance as for the LSTM layer (1e-3 of the output range): the kernels' float32
+    polynomial sigmoid/tanh against NumPy's."""
+    from g2quant.targets.gru import gru_layer_ref
+    rng = np.random.default_rng(T * 10 + B + len(hard))
+    for In, H, bits_ih, bits_hh in ((30, 19, 4, 4), (70, 24, 8, 1), (17, 33, 2, 8)):
+        kind = {1: "binary", 2: "ternary"}
+        w_ih = random_qmatrix(rng, 3 * H, In, bits_ih, kind.get(bits_ih, "int"), 0.3)
+        w_hh = random_qmatrix(rng, 3 * H, H, bits_hh, kind.get(bits_hh, "int"), 0.3)
+        b_ih, b_hh = (rng.normal(0, 0.3, 3 * H).astype(np.float32) for _ in range(2))
+        x = rng.normal(0, 1, (T, B, In)).astype(np.float32)
+        h0 = rng.normal(0, 0.5, (B, H)).astype(np.float32)
+        for reverse in (False, True):
+            want, h_ref = gru_layer_ref(w_ih, w_hh, b_ih, b_hh, x, h0, hard, 8, reverse=reverse)
+            h = h0.copy()
+            got = _gru_layer(path, w_ih, w_hh, b_ih, b_hh, hard, reverse, x, h)
+            assert_close(got, want)
+            assert_close(h, h_ref)
+
+
 @pytest.mark.parametrize("bits,scheme", [(1, "binary"), (2, "ternary"), (4, "int"), (8, "int")])
 def test_embed_rows(bits, scheme):
     rng = np.random.default_rng(bits)

@@ -379,3 +379,34 @@ def test_a_new_target_registers_without_touching_export(tmp_path):
             q.export(tmp_path / "n.g2q", target="nope")
     finally:
         base.TARGETS.pop("dummy", None)
+
+
+def test_export_check_rule_tolerates_one_rounding_flip_only():
+    from g2quant.export import FLIP_RTOL, probes_agree
+    ok, bad = AGREEMENT_RTOL / 2, AGREEMENT_RTOL * 3
+    assert probes_agree([ok])
+    assert probes_agree([bad, ok, ok])                      # one A8 / hard-gate flip on one input
+    assert not probes_agree([bad])                          # (no other probes to look at)
+    assert not probes_agree([bad, bad, ok])                 # wrong on most inputs
+    assert not probes_agree([FLIP_RTOL * 2, ok, ok])        # too large for a flip
+    assert not probes_agree([bad, ok, float("nan")])
+
+
+@pytest.mark.parametrize("delta", [0.01, 1.0])
+def test_export_refuses_a_graph_that_does_not_reproduce_the_model(tmp_path, monkeypatch, delta):
+    """A decoder bias off by ``delta`` differs on every probe: refused, nothing written."""
+    import g2quant.export as ex
+    from g2quant.models import LMConfig, WordLM
+    torch.manual_seed(0)
+    q = g2quant.quantize(WordLM(LMConfig(vocab_size=50, emb_size=16, hidden_size=16)).eval(), bits=4)
+    orig = ex.lower
+
+    def broken(model, example=None):
+        graph, x, y = orig(model, example)
+        lin = next(n for n in graph.nodes if n.op == "linear")
+        graph.params[lin.params["bias"]] = graph.params[lin.params["bias"]] + np.float32(delta)
+        return graph, x, y
+    monkeypatch.setattr(ex, "lower", broken)
+    with pytest.raises(ExportError, match="does not reproduce the model"):
+        q.export(tmp_path / "bad.g2q")
+    assert not (tmp_path / "bad.g2q").exists() and not list(tmp_path.iterdir())

@@ -153,7 +153,9 @@ class Engine(LMMixin, Runtime):
                 "threads": self.threads if self.threads is not None else "auto",
                 "max_threads": numba.config.NUMBA_NUM_THREADS, "threading_layer": _threading_layer(),
                 "thread_choices": self._policy.summary(),
-                "prepare_s": self.prepare_seconds, "compile_s": self.compile_seconds}
+                "prepare_s": self.prepare_seconds, "compile_s": self.compile_seconds,
+                "reference_nodes": [n.name for n, fn in zip(self.graph.nodes, self._fn_cache)
+                                    if not getattr(fn, "on_kernels", False)]}
 
     def __repr__(self) -> str:
         return (f"Engine({self.input_kind}[{self.input_size}] -> {self.output_info.kind}[{self.output_info.features}], "

@@ -16,6 +16,9 @@ whole 16-row blocks).
   ``W_ih·x + W_hh·h + bias`` as one parallel product; a sequence first computes the input
   projections of all ``T·B`` vectors as one product, then per step only ``W_hh·h``. Rows keep
   torch's gate order (i, f, g, o blocks).
+- ``gru_layer_fwd``: one GRU layer-direction over ``T`` steps. ``W_ih·x + b_ih`` of all ``T·B``
+  vectors is one product; per step ``W_hh·h + b_hh`` is another, kept apart because ``r``
+  multiplies its ``n`` block. Rows keep torch's gate order (r, z, n blocks).
 - ``embed_fwd``: dequantized rows read straight from the packed table.
 """
 from __future__ import annotations
@@ -275,6 +278,55 @@ def lstm_layer_fwd(loop, bw_ih, bw_hh, w_ih, nl_ih, s_ih, w_hh, nl_hh, s_hh, bia
         _matmul1(loop, bw_hh, w_hh, nl_hh, s_hh, bias, np.int64(3), hq, w2, sh, sumh, zx, np.int64(t * B * rows), rows,
                  B, rows)
         _cells(zx, t * B * rows, hard_i, hard_f, hard_o, h, c)
+        _emit(out, t, h, col0)
+
+
+@njit(cache=True, error_model="numpy")
+def _gru_cells(gx, base, gh, hard_r, hard_z, h):
+    """GRU update from ``gx[base:]`` (``W_ih·x + b_ih``, ``[B, 3H]`` flat, gate order r, z, n) and
+    ``gh`` (``W_hh·h + b_hh``, ``[B, 3H]``); ``h [B, H]`` in place. Branch-free hard gates as in
+    ``_cells``."""
+    B, H = h.shape
+    hr, hz = np.float32(hard_r), np.float32(hard_z)
+    one = np.float32(1.0)
+    for b in range(B):
+        p = base + b * 3 * H
+        q = b * 3 * H
+        xr, xz, xn = gx[p:p + H], gx[p + H:p + 2 * H], gx[p + 2 * H:p + 3 * H]
+        yr, yz, yn = gh[q:q + H], gh[q + H:q + 2 * H], gh[q + 2 * H:q + 3 * H]
+        hb = h[b]
+        for u in range(H):
+            ar = xr[u] + yr[u]
+            az = xz[u] + yz[u]
+            r = hr * np.float32(ar > 0) + (one - hr) * _sigmoid(ar)
+            z = hz * np.float32(az > 0) + (one - hz) * _sigmoid(az)
+            n = _tanh(xn[u] + r * yn[u])
+            hb[u] = (one - z) * n + z * hb[u]
+
+
+@njit(cache=True)
+def gru_layer_fwd(loop, bw_ih, bw_hh, w_ih, nl_ih, s_ih, w_hh, nl_hh, s_hh, b_ih, b_hh, hard_r, hard_z, reverse,
+                  x, h, out, col0):
+    """One GRU layer-direction over ``x [T, B, In]`` (biases padded to whole blocks); updates ``h
+    [B, H]`` in place and writes ``out[t, :, col0:col0 + H]``. ``loop``, ``bw_ih``, ``bw_hh`` must
+    be literals."""
+    T, B, H = x.shape[0], x.shape[1], h.shape[1]
+    rows = 3 * H
+    w1 = nl_ih * GROUP_K * (8 // bw_ih)
+    w2 = nl_hh * GROUP_K * (8 // bw_hh)
+    xq, sx, sumx = _act_buffers(T * B, w1)
+    for t in range(T):
+        for b in range(B):
+            sx[t * B + b], sumx[t * B + b] = _quantize_into(x[t, b], xq, (t * B + b) * w1, w1)
+    gx = np.empty(T * B * rows, np.float32)
+    _matmul1(loop, bw_ih, w_ih, nl_ih, s_ih, b_ih, np.int64(1), xq, w1, sx, sumx, gx, np.int64(0), rows, T * B, rows)
+    hq, sh, sumh = _act_buffers(B, w2)
+    gh = np.empty(B * rows, np.float32)
+    for s in range(T):
+        t = T - 1 - s if reverse else s
+        _quantize_state(h, hq, sh, sumh, w2)
+        _matmul1(loop, bw_hh, w_hh, nl_hh, s_hh, b_hh, np.int64(1), hq, w2, sh, sumh, gh, np.int64(0), rows, B, rows)
+        _gru_cells(gx, t * B * rows, gh, hard_r, hard_z, h)
         _emit(out, t, h, col0)
 
 

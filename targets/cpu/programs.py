@@ -12,6 +12,7 @@ from typing import Callable
 
 import numpy as np
 
+from ..gru import gru_dims, gru_param_names
 from ..ops import lstm_dims, lstm_param_names
 from ..qweights import QMatrix
 from ..reference import REFERENCE
@@ -59,7 +60,7 @@ def fast_matrix(m: QMatrix) -> bool:
 def _embedding(graph, node, ctx: BuildContext):
     w = graph.param(node, "weight")
     if not fast_matrix(w):
-        return REFERENCE["embedding"](graph, node)
+        return _reference(graph, node)
     km = ctx.pack(w)
     E = km.cols
 
@@ -76,7 +77,7 @@ def _embedding(graph, node, ctx: BuildContext):
 def _linear(graph, node, ctx: BuildContext):
     w = graph.param(node, "weight")
     if node.attrs.get("act_bits") != 8 or not fast_matrix(w):
-        return REFERENCE["linear"](graph, node)
+        return _reference(graph, node)
     km = ctx.pack(w)
     has_bias = "bias" in node.params
     bias = _padded(graph.param(node, "bias") if has_bias else np.zeros(0, np.float32), km.rows)
@@ -101,7 +102,7 @@ def _lstm(graph, node, ctx: BuildContext):
     H, L, D = lstm_dims(node)
     trios = [tuple(graph.param(node, r) for r in roles) for roles in lstm_param_names(L, D)]
     if node.attrs.get("act_bits") != 8 or not all(fast_matrix(m) for t in trios for m in t[:2]):
-        return REFERENCE["lstm"](graph, node)
+        return _reference(graph, node)
     layers = []
     for w_ih, w_hh, b in trios:
         layers.append((ctx.pack(w_ih), ctx.pack(w_hh), _padded(b, 4 * H)))
@@ -129,12 +130,55 @@ def _lstm(graph, node, ctx: BuildContext):
     return fn
 
 
-def build(graph, node, ctx: BuildContext):
-    """The per-call function of ``node``: its CPU program, or its NumPy reference."""
-    make = PROGRAMS.get(node.op)
-    if make is not None:
-        return make(graph, node, ctx)
+@register_program("gru")
+def _gru(graph, node, ctx: BuildContext):
+    H, L, D = gru_dims(node)
+    quads = [tuple(graph.param(node, r) for r in roles) for roles in gru_param_names(L, D)]
+    if node.attrs.get("act_bits") != 8 or not all(fast_matrix(m) for q in quads for m in q[:2]):
+        return _reference(graph, node)
+    layers = [(ctx.pack(w_ih), ctx.pack(w_hh), _padded(b_ih, 3 * H), _padded(b_hh, 3 * H))
+              for w_ih, w_hh, b_ih, b_hh in quads]
+    hard = node.attrs.get("hard_gates", "")
+    hr, hz = ("r" in hard), ("z" in hard)
+    kernels_ = [None] * len(layers)
+
+    def fn(inputs, states):
+        x = np.ascontiguousarray(inputs[0], dtype=np.float32)
+        (h,) = states[node.name]
+        T, B = x.shape[0], x.shape[1]
+        for layer in range(L):
+            out = np.empty((T, B, D * H), np.float32)
+            for d in range(D):
+                k = layer * D + d
+                ki, kh, b_ih, b_hh = layers[k]
+                lits = (ctx.loop, ki.bw, kh.bw)
+                args = (ki.data, ki.nlines, ki.scale, kh.data, kh.nlines, kh.scale, b_ih, b_hh, hr, hz, d == 1,
+                        x, h[k], out, d * H)
+                if kernels_[k] is None:
+                    kernels_[k] = pk.specialize(pk.gru_layer_fwd, lits, args)
+                kernels_[k](*lits, *args)
+            x = out
+        return x
+    return fn
+
+
+def _reference(graph, node):
+    """The NumPy reference of ``node``, marked as such (``Engine.info()["reference_nodes"]``)."""
     try:
-        return REFERENCE[node.op](graph, node)
+        fn = REFERENCE[node.op](graph, node)
     except KeyError:
         raise NotImplementedError(f"op {node.op!r} has neither a CPU program nor a NumPy reference") from None
+    fn.on_kernels = False
+    return fn
+
+
+def build(graph, node, ctx: BuildContext):
+    """The per-call function of ``node``: its CPU program, or its NumPy reference (``fn.on_kernels``
+    tells which)."""
+    make = PROGRAMS.get(node.op)
+    if make is None:
+        return _reference(graph, node)
+    fn = make(graph, node, ctx)
+    if not hasattr(fn, "on_kernels"):
+        fn.on_kernels = True
+    return fn
