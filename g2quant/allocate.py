@@ -267,17 +267,23 @@ def allocate(model: nn.Module, calib_tokens=None, *, budget=None, target: str = 
         opts = {}
         for w, d in sens["delta"][name].items():
             shape = (b["rows"][1] - b["rows"][0], b["cols"])
-            cost = block_bytes(b, w, target) if kind == "bytes" else latency_profile.seconds(shape, w)
+            if kind == "bytes":
+                cost = block_bytes(b, w, target)
+            else:                       # an embedding reads one row per token: in the profile's overhead
+                cost = 0.0 if b["kind"] == "embedding" else latency_profile.seconds(shape, w)
             opts[w] = (float(cost), max(0.0, float(d)))      # a negative increase is measurement noise
         options[name] = opts
     if kind == "bytes":
-        fixed_bytes = _other_bytes(model, sens, target)
+        fixed = fixed_bytes = _other_bytes(model, sens, target)
+    else:
+        fixed = float(getattr(latency_profile, "overhead", 0.0))
     front = pareto_front(options)
-    i = front.best_within(limit - fixed_bytes if kind == "bytes" else limit)
+    i = front.best_within(limit - fixed)
+    pred = {kind: front.cost[i] + fixed, "sensitivity": front.sens[i], "fixed_bytes": fixed_bytes}
+    if kind == "latency":
+        pred["fixed_seconds"] = fixed
     return Allocation(widths=front.choices[i], budget={"kind": kind, "limit": limit, "target": target},
-                      predicted={kind: front.cost[i] + fixed_bytes, "sensitivity": front.sens[i],
-                                 "fixed_bytes": fixed_bytes},
-                      front={"cost": [c + fixed_bytes for c in front.cost], "sensitivity": front.sens},
+                      predicted=pred, front={"cost": [c + fixed for c in front.cost], "sensitivity": front.sens},
                       sensitivity=sens)
 
 

@@ -128,6 +128,8 @@ def cmd_allocate(args) -> int:
     result = {"budget": args.budget, "kind": kind, "target": args.target, "widths": a.widths,
               "predicted": a.predicted, "size_bytes": q.size_bytes(target=args.target),
               "sensitivity_seconds": sens["seconds"], "solve_and_measure_seconds": time.perf_counter() - t0}
+    if profile is not None and not args.no_measure:
+        result.update(_measure_latency(q, profile, args, a.predicted.get("latency")))
     uniform = {}
     if not args.no_measure:
         say(args, "measuring test perplexity of the allocation and of uniform widths")
@@ -146,8 +148,29 @@ def cmd_allocate(args) -> int:
     _plot(a, uniform, result, out / "front.png")
     print(f"allocation -> {out}/allocation.json ({', '.join(f'{k.split(chr(46), 1)[-1]}={v}' for k, v in a.widths.items())})")
     print(f"  predicted {kind} {a.predicted[kind]:.6g}, summed Δloss {a.predicted['sensitivity']:.4f}"
-          + (f"; test ppl {result['test_ppl']:.2f}" if "test_ppl" in result else ""))
+          + (f"; test ppl {result['test_ppl']:.2f}" if "test_ppl" in result else "")
+          + (f"; measured {result['measured_latency_s'] * 1e6:.0f} us per token" if "measured_latency_s" in result
+             else ""))
     return 0
+
+
+def _measure_latency(q, profile, args, predicted: float | None) -> dict:
+    """The chosen model's batch-1 token latency on this machine's engine (profile's thread count),
+    against the prediction."""
+    import tempfile
+    import warnings
+
+    from .profiles import lm_token_seconds
+    from .targets.cpu.engine import Engine
+    say(args, f"measuring the allocation's token latency on the cpu engine ({profile.threads} thread)")
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        path = q.export(Path(tmp) / "alloc.g2q", target="cpu")
+        sec = lm_token_seconds(Engine.load(path, threads=profile.threads))
+    out = {"measured_latency_s": sec, "latency_profile": profile.name, "latency_threads": profile.threads}
+    if predicted:
+        out["latency_predicted_over_measured"] = predicted / sec
+    return out
 
 
 def _plot(a, uniform: dict, result: dict, path) -> None:

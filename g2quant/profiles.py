@@ -3,7 +3,9 @@ latency budgets (``g2quant.allocate``).
 
 A profile models one batch-1 matrix-vector product of a ``rows × cols`` weight matrix at storage
 width ``bw`` as ``a[bw] + b[bw] · rows · cols`` seconds, fitted (least squares) to timings of the
-target's own engine on a few LSTM-like shapes. Profiles are TOML files: ``g2quant/profiles/*.toml``
+target's own engine on a few LSTM-like shapes, and a word-LM token as the sum of its products
+plus ``overhead`` seconds (signed: embedding row, cell update, calls; measured on a tiny 2-layer
+LM as its token time minus the sum the fit predicts for its products). Profiles are TOML files: ``g2quant/profiles/*.toml``
 are shipped (measured on named machines), ``g2quant profile`` measures this machine and caches the
 result in ``$G2QUANT_CACHE/profiles/<cpu>-<loop>.toml``; ``--target host`` means that one.
 """
@@ -31,6 +33,7 @@ class Profile:
     threads: int
     fit: dict = field(default_factory=dict)           # bw -> (a seconds, b seconds per MAC)
     measured: list = field(default_factory=list)      # [(rows, cols, bw, seconds)]
+    overhead: float = 0.0                             # seconds per LM token beyond its products
 
     def seconds(self, shape, width) -> float:
         """Predicted seconds of one batch-1 product of a ``shape`` matrix stored at ``width``."""
@@ -47,7 +50,7 @@ class Profile:
 
     def to_toml(self) -> str:
         lines = [f'name = "{self.name}"', f'target = "{self.target}"', f'loop = "{self.loop}"', f'cpu = "{self.cpu}"',
-                 f"threads = {self.threads}", ""]
+                 f"threads = {self.threads}", f"overhead_seconds = {self.overhead:.9g}", ""]
         for bw, (a, b) in sorted(self.fit.items()):
             lines += [f"[width.{bw}]", f"a_seconds = {a:.9g}", f"b_seconds_per_mac = {b:.9g}", ""]
         lines.append("# measured: rows, cols, storage bits, seconds")
@@ -60,7 +63,7 @@ class Profile:
             d = tomllib.loads(text)
             fit = {int(k): (float(v["a_seconds"]), float(v["b_seconds_per_mac"])) for k, v in d["width"].items()}
             return cls(d.get("name", name), d["target"], d["loop"], d.get("cpu", "?"), int(d.get("threads", 1)), fit,
-                       [tuple(x) for x in d.get("measured", [])])
+                       [tuple(x) for x in d.get("measured", [])], float(d.get("overhead_seconds", 0.0)))
         except (tomllib.TOMLDecodeError, KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"profile {name or '?'}: not a g2quant kernel profile ({exc})") from None
 
@@ -119,7 +122,43 @@ def measure(*, threads: int = 1, repeats: int = 5, shapes=SHAPES, widths=(1, 2, 
         a, b = np.linalg.lstsq(A, y, rcond=None)[0]
         fit[bw] = (float(max(a, 0.0)), float(max(b, 0.0)))
     d = isa.describe()
-    return Profile(host_name(), "cpu", str(d.get("loop")), str(d.get("cpu")), threads, fit, rows_out)
+    prof = Profile(host_name(), "cpu", str(d.get("loop")), str(d.get("cpu")), threads, fit, rows_out)
+    from .targets.cpu.testing import random_lm_weights
+    V, H = OVERHEAD_LM
+    bw = max(fit)
+    bits = 1 if WIDTH_BITS[bw] == "binary" else WIDTH_BITS[bw]
+    w = random_lm_weights(V, H, 2, bits, seed=1)
+    prof.overhead = lm_token_seconds(Engine(w.to_graph(), threads=threads), repeats) - \
+        sum(prof.seconds(shape, bits if bits != 1 else "binary") for shape in lm_product_shapes(V, H, H, 2))
+    if progress:
+        progress(f"LM token overhead: {prof.overhead * 1e6:.1f} us")
+    return prof
+
+
+OVERHEAD_LM = (64, 32)       # vocab, hidden of the LM the token overhead is measured on
+
+
+def lm_product_shapes(vocab: int, emb: int, hidden: int, layers: int) -> list[tuple[int, int]]:
+    """The batch-1 products of one word-LM token: per layer W_ih and W_hh, then the decoder."""
+    out = []
+    for k in range(layers):
+        out += [(4 * hidden, emb if k == 0 else hidden), (4 * hidden, hidden)]
+    return out + [(vocab, hidden)]
+
+
+def lm_token_seconds(engine, repeats: int = 5, n: int = 200) -> float:
+    """Min over ``repeats`` of the mean batch-1 ``step_`` time of a token-LM engine."""
+    st = engine.initial_state(1)
+    toks = np.arange(64, dtype=np.int64) % engine.input_size
+    for i in range(20):
+        engine.step_(toks[i:i + 1], st)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for i in range(n):
+            engine.step_(toks[(i & 63):(i & 63) + 1], st)
+        best = min(best, (time.perf_counter() - t0) / n)
+    return best
 
 
 def load_profile(name: str = "host", *, measure_if_missing: bool = True, progress=None) -> Profile:

@@ -133,6 +133,7 @@ def test_latency_profile_fits_and_round_trips(tmp_path):
     prof = measure(shapes=((64, 64), (256, 128), (512, 256)), widths=(4, 8), repeats=2)
     assert set(prof.fit) == {4, 8} and all(a >= 0 and b >= 0 for a, b in prof.fit.values())
     again = Profile.from_toml(prof.to_toml(), "x")
+    assert prof.overhead != 0.0 and again.overhead == pytest.approx(prof.overhead, rel=1e-6)
     for bw in prof.fit:
         assert again.fit[bw] == pytest.approx(prof.fit[bw], rel=1e-6)
     assert again.loop == prof.loop
@@ -154,3 +155,14 @@ def test_cli_targets_lists_every_registered_target_and_the_shipped_profiles(caps
     assert main(["targets"]) == 0
     text = capsys.readouterr().out
     assert all(name in text for name in BUILTIN) and "kernel profiles:" in text
+
+
+def test_latency_allocation_adds_the_token_overhead_and_charges_no_product_for_the_embedding(lm_and_sens):
+    from g2quant.profiles import Profile
+    model, sens = lm_and_sens
+    prof = Profile("t", "cpu", "avx2", "x", 1, {bw: (1e-6, 1e-9) for bw in (1, 2, 4, 8)}, [], overhead=7e-6)
+    a = allocate(model, sens=sens, budget="1s", latency_profile=prof)         # everything fits: the best widths
+    want = 7e-6 + sum(prof.seconds((b["rows"][1] - b["rows"][0], b["cols"]), a.widths[b["name"]])
+                      for b in sens["blocks"] if b["kind"] != "embedding")
+    assert a.predicted["latency"] == pytest.approx(want, rel=1e-12)
+    assert a.predicted["fixed_seconds"] == 7e-6
