@@ -17,12 +17,13 @@ threads (fixed counts; the engine's automatic choice is ``benchmarks/threads.py`
 - batched scoring throughput, batch 20 x 35 steps, every runtime with its sequence API (the
   engine's ``run``: input projections of all steps as one product), LSTMCell stepping,
 - the engine's weight-streaming GB/s and GMAC/s at batch 1 against the machine's read bandwidth
-  and the loop's peak from ``benchmarks/results/kernels.json``,
+  and the loop's peak from ``benchmarks/results/kernels-<cpu>-<loop>.json``,
 - artifact / model size, peak RSS of the measuring process, first-call time.
 
 Each configuration runs in its own subprocess (clean RSS, no cross-talk); timings are the
 minimum over repeats because the machine is shared with other jobs. Writes
-``benchmarks/results/cpu_engine.json`` and ``docs/cpu-engine-results.md``.
+``benchmarks/results/cpu_engine-<cpu>-<loop>.json`` (one per machine and host loop) and
+``docs/cpu-engine-results-<cpu>-<loop>.md``.
 """
 from __future__ import annotations
 
@@ -358,9 +359,15 @@ def markdown(results: list[dict], meta: dict) -> str:
     return "\n".join(lines)
 
 
+def _host() -> str:
+    """Results are kept per machine and inner loop: ``<numba cpu name>-<host loop>``."""
+    from g2quant.profiles import host_name
+    return host_name()
+
+
 def _kernels_reference() -> dict:
     """Read bandwidth and per-loop peaks measured by benchmarks/kernels.py (for the fractions)."""
-    p = ROOT / "benchmarks/results/kernels.json"
+    p = ROOT / f"benchmarks/results/kernels-{_host()}.json"
     if not p.exists():
         return {}
     d = json.loads(p.read_text())
@@ -379,8 +386,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--budget", type=float, default=0.4, help="seconds per timed repeat")
     ap.add_argument("--quick", action="store_true", help="2 repeats, short budget")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks/results/cpu_engine.json"))
-    ap.add_argument("--md", default=str(ROOT / "docs/cpu-engine-results.md"))
+    ap.add_argument("--out", default=None, help="results JSON (default benchmarks/results/cpu_engine-<cpu>-<loop>.json)")
+    ap.add_argument("--md", default=None, help="Markdown tables (default docs/cpu-engine-results-<cpu>-<loop>.md)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
@@ -470,6 +477,10 @@ def main(argv=None) -> int:
             "kernels_json": _kernels_reference(),
             "loadavg_1min_start_end": [load_start, os.getloadavg()[0]], "engine_cold_compile": cold,
             "threading_layer": next((r.get("threading_layer") for r in results if r.get("threading_layer")), None)}
+    if args.out is None:
+        args.out = str(ROOT / f"benchmarks/results/cpu_engine-{_host()}.json")
+    if args.md is None:
+        args.md = str(ROOT / f"docs/cpu-engine-results-{_host()}.md")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     table = {}
     for r in results:

@@ -1,6 +1,6 @@
 """Micro-benchmarks of the CPU engine's inner loops (``g2quant.targets.cpu``), per loop.
 
-Writes ``benchmarks/results/kernels.json``:
+Writes ``benchmarks/results/kernels-<cpu>-<loop>.json`` (one file per machine and host loop):
 - ``machine``: ``isa.describe()`` of the host (CPU name, features, the loops it can run);
 - ``load_avg``: the 1-minute load average before and after (the machine is shared: a busy
   machine makes 2-thread figures meaningless), and ``quiet`` (both below 0.5 per core);
@@ -352,7 +352,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="hidden 650, bits 4, fewer repeats")
     ap.add_argument("--loops", nargs="*", help="loops to run (default: every loop this CPU can execute)")
-    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--out", type=Path, default=None, help="default benchmarks/results/kernels-<cpu>-<loop>.json")
     args = ap.parse_args()
     loops = args.loops or list(isa.host_loops())
     repeats = 10 if args.quick else 40
@@ -425,6 +425,9 @@ def main():
         {k: r[k] for k in ("loop", "batch", "threads", "kernel", "us", "us_linear", "gmac_s", "weight_gb_s",
                            "read_bw_frac", "peak_frac")}
         for r in report["matvec"] if r["hidden"] == 650 and r["bits"] == 4]
+    if args.out is None:
+        from g2quant.profiles import host_name
+        args.out = RESULTS.with_name(f"kernels-{host_name()}.json")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(_dump(report) + "\n")
     print("wrote", args.out)
