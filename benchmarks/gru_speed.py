@@ -216,7 +216,7 @@ def main(argv=None) -> int:
             for spec in specs:
                 r = _run_worker(spec)
                 results.append(r)
-                print(f"hidden {H} {_label(r)}: {json.dumps(r.get('threads') or r.get('error'))}", flush=True)
+                print(f"hidden {H} {_label(r)}: {r['error'] if 'error' in r else json.dumps(r['threads'])}", flush=True)
     ratios = {}
     for H in args.hidden:
         ok = [r for r in results if r["hidden"] == H and "error" not in r]
