@@ -299,7 +299,7 @@ def cmd_speed(args) -> int:
         first_call = time.time() - t0
     peers[f"g2quant engine {args.bits}-bit" + (f" hard {args.hard_gates}" if args.hard_gates else "")] = engine
     rows = []
-    for batch, n in ((1, args.sentences_batch1), (32, len(data.test.src))):
+    for batch, n in ((1, args.sentences_batch1), (32, args.sentences_batch32 or len(data.test.src))):
         src = data.test.src[:n]
         refs = data.test.refs[:n]
         for name, m in peers.items():
@@ -375,6 +375,7 @@ def main(argv=None) -> int:
     sp.add_argument("--beam", type=int, default=5, help="beam")
     sp.add_argument("--threads", type=int, default=1, help="threads (torch and engine)")
     sp.add_argument("--sentences-batch1", type=int, default=200, help="test sentences timed at batch 1")
+    sp.add_argument("--sentences-batch32", type=int, default=None, help="test sentences timed at batch 32 (default all)")
     sp.add_argument("--results", default=None, help=f"output JSON (default {SPEED_RESULTS.relative_to(ROOT)})")
     for p in (t, c, q, sp):
         p.add_argument("--out", default=str(ROOT / "runs" / "mt_multi30k"), help="run folders")

@@ -69,13 +69,18 @@ def hard_gate_change(model, x: torch.Tensor, y_hard: torch.Tensor) -> float | No
 FLIP_RTOL = 0.05
 
 
-def probes_agree(errs: list[float]) -> bool:
-    """The export check's rule: the example input within ``AGREEMENT_RTOL``, or two of three
-    probes within it and the third within ``FLIP_RTOL`` (NaN fails)."""
+def probes_agree(errs: list[float], hard_gates: bool = False) -> bool:
+    """The export checks' rule: the first probe within ``AGREEMENT_RTOL``, or two of three within it
+    and the third within ``FLIP_RTOL`` (an 8-bit activation code flipped at a rounding boundary
+    moves the output by a bounded amount). With hard gates the third is not bounded: a gate whose
+    pre-activation is within rounding of 0 takes the other branch, which can change the output
+    arbitrarily (measured: a 3-batch smoke-trained seq2seq model, 4 bits, hard i,f: 16 % of the
+    logit range on one probe, 2e-7 on the other two). A wrong graph differs on every probe. NaN fails."""
+    if any(e != e for e in errs):
+        return False
     if errs and errs[0] <= AGREEMENT_RTOL:
         return True
-    return len(errs) == 3 and sorted(errs)[1] <= AGREEMENT_RTOL and max(errs) <= FLIP_RTOL and \
-        not any(e != e for e in errs)
+    return len(errs) == 3 and sorted(errs)[1] <= AGREEMENT_RTOL and (hard_gates or max(errs) <= FLIP_RTOL)
 
 
 def _check_probes(qmodel, graph, x, y_torch) -> list[float]:
@@ -128,11 +133,13 @@ def export_model(qmodel, path, *, target: str = "cpu", vocab: Iterable[str] | No
     val = dict(validation or {})
     if check:
         errs = _check_probes(qmodel, graph, x, y_torch)
-        if not probes_agree(errs):
+        hard = any(getattr(m, "hard_gates", None) for m in qmodel.modules())
+        if not probes_agree(errs, hard):
             y_np = y_torch.numpy()
             raise ExportError(f"the exported graph does not reproduce the model: max |difference| "
                               f"{', '.join(f'{e:.3g}' for e in errs)} of the output range (allowed {AGREEMENT_RTOL}"
-                              + (f"; one of 3 probes up to {FLIP_RTOL}" if len(errs) == 3 else "")
+                              + (f"; on one of 3 probes up to {'any value with hard gates' if hard else FLIP_RTOL}"
+                                 if len(errs) == 3 else "")
                               + f") on inputs of shape {tuple(x.shape)}"
                               + (" (the model's output is not finite)" if not np.isfinite(y_np).all() else "")
                               + ". Does the output depend on the input in a way the graph cannot express "

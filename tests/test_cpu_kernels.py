@@ -514,3 +514,46 @@ def test_vectorizable_exp_and_tanh():
     np.testing.assert_allclose(e, np.exp(z.astype(np.float64)), rtol=3e-7)
     t = np.array([J._tanh(v) for v in z / 4], np.float64)
     np.testing.assert_allclose(t, np.tanh(z.astype(np.float64) / 4), atol=3e-7)
+
+
+_CACHE_STEPS = r"""
+import sys
+import numpy as np
+from g2quant.targets.cpu import isa, program_kernels as pk, programs
+from g2quant.targets.cpu import kernels as K
+from g2quant.targets.cpu.testing import random_qmatrix
+stage = sys.argv[1]
+rng = np.random.default_rng(0)
+H, In = 24, 30
+ctx = programs.BuildContext(isa.loop_id(isa.default_loop()))
+w_ih, w_hh = (random_qmatrix(4 * H, k, 4, rng) for k in (In, H))
+ki, kh = ctx.pack(w_ih), ctx.pack(w_hh)
+if stage == "linear":                    # compiles (and caches) the parallel product and linear_fwd
+    x = rng.normal(size=(2, In)).astype(np.float32)
+    out = np.empty((2, ki.rows), np.float32)
+    lits = (ctx.loop, ki.bw)
+    args = (ki.data, ki.nlines, ki.scale, K.padded(np.zeros(4 * H, np.float32), 4 * H), False, x, out)
+    pk.specialize(pk.linear_fwd, lits, args)(*lits, *args)
+else:                                    # "compile": the LSTM kernel with the product from the cache; "run": all cached
+    x = rng.normal(size=(3, 1, In)).astype(np.float32)
+    h, c = np.zeros((1, H), np.float32), np.zeros((1, H), np.float32)
+    out = np.empty((3, 1, H), np.float32)
+    lits = (ctx.loop, ki.bw, kh.bw)
+    args = (ki.data, ki.nlines, ki.scale, kh.data, kh.nlines, kh.scale, K.padded(np.zeros(4 * H, np.float32), 4 * H),
+            False, False, False, False, x, h, c, out, 0)
+    pk.specialize(pk.lstm_layer_fwd, lits, args)(*lits, *args)
+print("ok", stage)
+"""
+
+
+def test_kernels_loaded_from_a_cache_built_in_steps_run(tmp_path):
+    """A user's cache fills over several processes: the parallel product cached with linear_fwd in
+    one, the LSTM kernel (linking the cached product) in a second, run from the cache in a third.
+    Numba stores that LSTM kernel without its thread-pool start hook; before the engine started
+    the pool itself the third process died with SIGSEGV."""
+    script = tmp_path / "step.py"
+    script.write_text(_CACHE_STEPS)
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache"))
+    for stage in ("linear", "compile", "run"):
+        r = subprocess.run([sys.executable, str(script), stage], env=env, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0 and f"ok {stage}" in r.stdout, (stage, r.returncode, r.stderr[-2000:])

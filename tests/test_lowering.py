@@ -388,8 +388,11 @@ def test_export_check_rule_tolerates_one_rounding_flip_only():
     assert probes_agree([bad, ok, ok])                      # one A8 / hard-gate flip on one input
     assert not probes_agree([bad])                          # (no other probes to look at)
     assert not probes_agree([bad, bad, ok])                 # wrong on most inputs
-    assert not probes_agree([FLIP_RTOL * 2, ok, ok])        # too large for a flip
+    assert not probes_agree([FLIP_RTOL * 2, ok, ok])        # too large for an activation-code flip
+    assert probes_agree([FLIP_RTOL * 2, ok, ok], hard_gates=True)   # a hard gate flip is not bounded
+    assert not probes_agree([bad, bad, ok], hard_gates=True)
     assert not probes_agree([bad, ok, float("nan")])
+    assert not probes_agree([float("nan")])
 
 
 @pytest.mark.parametrize("delta", [0.01, 1.0])

@@ -151,7 +151,7 @@ class Seq2Seq(nn.Module):
             out, (h, c) = self.encoder(self.drop(self.src_embedding(src)))
             mask = None
         else:
-            out = src.new_zeros((S, B, self.config.hidden_size), dtype=self.generator.weight.dtype)
+            out = src.new_zeros((S, B, self.config.hidden_size), dtype=self._float_dtype())
             h = out.new_zeros((self.encoder.num_layers * (2 if self.config.bidirectional else 1), B,
                                self.config.encoder_hidden))
             c = h.clone()
@@ -173,7 +173,12 @@ class Seq2Seq(nn.Module):
     # ------------------------------------------------------------------ decoder
     def init_feed(self, batch: int) -> torch.Tensor:
         """The attentional vector before the first step: zeros ``[B, H]``."""
-        return self.generator.weight.new_zeros((batch, self.config.hidden_size))
+        return self.tgt_embedding.weight.new_zeros((batch, self.config.hidden_size), dtype=self._float_dtype())
+
+    def _float_dtype(self) -> torch.dtype:
+        """The activations' dtype: the target embedding's (a dynamically quantized copy of the model,
+        ``torch.ao.quantization.quantize_dynamic``, has no float ``generator.weight``)."""
+        return self.tgt_embedding.weight.dtype
 
     def attend(self, h: torch.Tensor, memory: Memory) -> torch.Tensor:
         """Attentional vector ``tanh(W_c [c; h])`` for decoder outputs ``h [B, H]``."""

@@ -187,11 +187,26 @@ def _matmul1(loop, bw, w, nlines, scale, bias, flags, xq, width, sx, sumx, out, 
 
 
 _SPECIALIZED: dict = {}
+_POOL_STARTED = False
+
+
+def _start_pool() -> None:
+    global _POOL_STARTED
+    numba.get_num_threads()                 # launches the threading layer (public API)
+    _POOL_STARTED = True
 
 
 def specialize(kernel, literals: tuple, args: tuple):
     """The compiled entry point of ``kernel`` whose first ``len(literals)`` arguments are the
-    given compile-time constants and whose other arguments have the types of ``args``."""
+    given compile-time constants and whose other arguments have the types of ``args``.
+
+    Starts Numba's thread pool first. A cached kernel that calls the parallel product, compiled
+    in a process where that product itself came from the cache, is stored without the hook that
+    starts the pool on load; run first in a new process it jumps into an unstarted pool and
+    crashes (reproduced: cache linear_fwd in one process, lstm_layer_fwd in a second, run it in
+    a third: SIGSEGV; ``tests/test_cpu_kernels.py::test_kernels_loaded_from_a_cache_built_in_steps_run``)."""
+    if not _POOL_STARTED:
+        _start_pool()
     key = (kernel, literals, tuple(numba.typeof(a) for a in args))
     fn = _SPECIALIZED.get(key)
     if fn is None:
