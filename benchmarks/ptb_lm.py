@@ -78,7 +78,7 @@ def cmd_train(args) -> int:
     res["threads"] = args.threads
     res["train_config"] = {k: getattr(tcfg, k) for k in tcfg.__dataclass_fields__}
     (out / "result.json").write_text(json.dumps(res, indent=1))
-    print(json.dumps({k: res[k] for k in ("model", "valid_ppl", "test_ppl", "test_ppl_hard_if")}, indent=1))
+    print(json.dumps({k: v for k, v in res.items() if k in ("model", "valid_ppl", "test_ppl") or k.startswith("test_ppl_hard")}, indent=1))
     return 0
 
 
