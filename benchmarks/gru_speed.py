@@ -33,21 +33,8 @@ PEERS = ("torch-gru", "torch-int8-dynamic", "onnxruntime-fp32", "onnxruntime-int
 EXTERNAL = PEERS
 
 
-def _time_min(fn, n, repeats):
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
-        best = min(best, time.perf_counter() - t0)
-    return best / n
-
-
-def _calibrated(fn, repeats, budget_s):
-    t0 = time.perf_counter()
-    fn()
-    once = max(time.perf_counter() - t0, 1e-6)
-    return _time_min(fn, int(min(2000, max(3, budget_s / once))), repeats)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cpu_engine import _calibrated  # noqa: E402  (the same timing rule as the LSTM engine benchmark)
 
 
 def _model(V, H):

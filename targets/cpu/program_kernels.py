@@ -329,10 +329,7 @@ def gru_layer_fwd(loop, bw_ih, bw_hh, w_ih, nl_ih, s_ih, w_hh, nl_hh, s_hh, b_ih
     rows = 3 * H
     w1 = nl_ih * GROUP_K * (8 // bw_ih)
     w2 = nl_hh * GROUP_K * (8 // bw_hh)
-    xq, sx, sumx = _act_buffers(T * B, w1)
-    for t in range(T):
-        for b in range(B):
-            sx[t * B + b], sumx[t * B + b] = _quantize_into(x[t, b], xq, (t * B + b) * w1, w1)
+    xq, sx, sumx = _quantize_rows(x.reshape(T * B, x.shape[2]), w1)
     gx = np.empty(T * B * rows, np.float32)
     _matmul1(loop, bw_ih, w_ih, nl_ih, s_ih, b_ih, np.int64(1), xq, w1, sx, sumx, gx, np.int64(0), rows, T * B, rows)
     hq, sh, sumh = _act_buffers(B, w2)
