@@ -46,6 +46,17 @@ def brevitas_lstm():
     return QuantLSTM(H, H, num_layers=L, weight_bit_width=4)   # Brevitas defaults otherwise (int8 I/O, gates)
 
 
+def _cpu_model() -> str:
+    """The CPU's model name (``platform.processor()`` is empty on Linux)."""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
@@ -79,7 +90,7 @@ def main(argv=None) -> int:
         r["ratio_vs_nn_lstm"] = r["ms_min"] / ref
     result = {"benchmark": "lstm_speed", "command": "python benchmarks/lstm_speed.py --threads "
               f"{args.threads}", "shape": {"seq": T, "batch": B, "hidden": H, "layers": L},
-              "threads": args.threads, "torch": torch.__version__, "machine": platform.processor(),
+              "threads": args.threads, "torch": torch.__version__, "machine": _cpu_model(),
               "rows": rows}
     Path(args.out).write_text(json.dumps(result, indent=1))
     print("\n| layer | ms / step (fwd+bwd) | × nn.LSTM |\n|---|---|---|")

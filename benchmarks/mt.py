@@ -3,6 +3,11 @@
 Train one model (resumable: run the same command again after an interruption; checkpoints under
 --out, which is git-ignored):
     G2QUANT_DATA=../shared/data python benchmarks/mt.py train --model g2 --threads 1
+Turn Gumbel gates on in a trained float baseline (the authors' MT recipe starts G2 from a
+pretrained model) and compare with the baseline continued for as long (same data order):
+    python benchmarks/mt.py train --model baseline --epochs 6 && cp -r runs/mt_multi30k/baseline runs/mt_multi30k/baseline-e6
+    python benchmarks/mt.py train --model baseline --epochs 10
+    python benchmarks/mt.py train --model g2 --name g2-from-baseline --init-from runs/mt_multi30k/baseline-e6/last.safetensors --epochs 10
 Collect every trained model into benchmarks/results/mt_multi30k.json and print the Markdown table:
     G2QUANT_DATA=../shared/data python benchmarks/mt.py collect
 Translation speed (sentences/s, beam 5, batch 1 and 32: engine 4-bit artifact vs torch fp32 vs torch int8
@@ -82,20 +87,27 @@ def cmd_train(args) -> int:
     data = load_multi30k(args.data_dir)
     tcfg = MTTrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                          max_batches=args.max_batches, valid_limit=args.valid_limit)
-    out = Path(args.out) / args.model
+    name = args.name or args.model
+    out = Path(args.out) / name
     torch.manual_seed(args.seed)
     model = Seq2Seq(Seq2SeqConfig(len(data.src_vocab), len(data.tgt_vocab), **MODELS[args.model]))
     resume = (out / "last.safetensors").exists()
     t0 = time.time()
-    r = train_mt(model, data, tcfg, out, resume=resume, progress=not args.quiet and sys.stderr.isatty())
+    r = train_mt(model, data, tcfg, out, resume=resume, init_from=args.init_from,
+                 progress=not args.quiet and sys.stderr.isatty())
     wall = time.time() - t0
     t1 = time.time()
-    res = evaluate_model(args.model, out / "best.safetensors", data, args.beam)
+    res = evaluate_model(name, out / "best.safetensors", data, args.beam)
+    res["gates_model"] = args.model
+    if args.init_from:
+        res["init_from"] = str(args.init_from)
+        res["init_epochs"] = sum(1 for h in r.history if h.get("init"))
     res["eval_wall_seconds"] = time.time() - t1
     res["smoke"] = args.max_batches is not None or args.valid_limit is not None
     res["train_wall_seconds_this_run"] = wall
-    res["train_seconds_total"] = sum(h["seconds"] for h in r.history)
-    res["seconds_per_epoch"] = res["train_seconds_total"] / max(len(r.history), 1)
+    own = [h for h in r.history if not h.get("init")]
+    res["train_seconds_total"] = sum(h["seconds"] for h in own)
+    res["seconds_per_epoch"] = res["train_seconds_total"] / max(len(own), 1)
     res["threads"] = args.threads
     res["train_config"] = asdict(tcfg)
     res["data"] = data.describe()
@@ -106,8 +118,9 @@ def cmd_train(args) -> int:
 
 
 def cmd_collect(args) -> int:
-    rows = [json.loads((Path(args.out) / n / "result.json").read_text()) for n in MODELS
-            if (Path(args.out) / n / "result.json").exists()]
+    found = sorted(p.parent.name for p in Path(args.out).glob("*/result.json"))
+    names = [n for n in MODELS if n in found] + [n for n in found if n not in MODELS]
+    rows = [json.loads((Path(args.out) / n / "result.json").read_text()) for n in names]
     if not rows:
         print(f"no results under {args.out}; run `train` first", file=sys.stderr)
         return 1
@@ -354,11 +367,14 @@ def main(argv=None) -> int:
     t.add_argument("--max-batches", type=int, default=None, help="smoke test: batches per epoch")
     t.add_argument("--valid-limit", type=int, default=None, help="smoke test: validate on the first N sentences")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("--name", default=None, help="run folder under --out (default: the model name)")
+    t.add_argument("--init-from", default=None, metavar="LAST",
+                   help="continue this run (its last.safetensors) with --model's gates; --epochs counts both")
     c = sub.add_parser("collect", help="gather result.json files into the results JSON and print the table")
     c.add_argument("--results", default=None, help=f"output JSON (default {RESULTS.relative_to(ROOT)}, or "
                                                     "OUT/mt_multi30k.json for smoke runs)")
     q = sub.add_parser("quant", help="PTQ / QAT / compression rows of the trained models")
-    q.add_argument("--models", nargs="+", choices=sorted(MODELS), default=["g2", "baseline"], help="trained models")
+    q.add_argument("--models", nargs="+", default=["g2", "baseline"], help="trained run folders under --out")
     q.add_argument("--widths", type=lambda s: s.split(","), default="8,4,3,2,ternary,binary".split(","),
                    help="PTQ weight widths (comma-separated)")
     q.add_argument("--qat", type=lambda s: [w for w in s.split(",") if w], default=["4", "2", "ternary"],
@@ -369,7 +385,7 @@ def main(argv=None) -> int:
     q.add_argument("--threads", type=int, default=1, help="torch threads")
     q.add_argument("--results", default=None, help=f"output JSON (default {QUANT_RESULTS.relative_to(ROOT)})")
     sp = sub.add_parser("speed", help="translation speed: engine vs torch fp32 vs torch int8 dynamic")
-    sp.add_argument("--model", choices=sorted(MODELS), default="g2", help="trained model")
+    sp.add_argument("--model", default="g2", help="trained run folder under --out")
     sp.add_argument("--bits", type=int, default=4, help="engine weight width")
     sp.add_argument("--hard-gates", default="if", help="engine hard gates ('' for none)")
     sp.add_argument("--beam", type=int, default=5, help="beam")

@@ -258,31 +258,68 @@ def allocate(model: nn.Module, calib_tokens=None, *, budget=None, target: str = 
         sens = sensitivity(model, calib_tokens, widths=widths, **sens_kw)
     if kind == "latency" and latency_profile is None:
         raise ValueError("a latency budget needs the target's kernel profile (latency_profile=; see g2quant profile)")
-    options: dict = {}
+    blocks = [b for b in sens["blocks"] if b["name"] not in keep_float]
+    shape_of = lambda b: (b["rows"][1] - b["rows"][0], b["cols"])          # noqa: E731
+    streamed = [b for b in blocks if b["kind"] != "embedding"]      # an embedding reads one row per token
+
+    def options_at(working_set):
+        options: dict = {}
+        for b in blocks:
+            opts = {}
+            for w, d in sens["delta"][b["name"]].items():
+                if kind == "bytes":
+                    cost = block_bytes(b, w, target)
+                else:                   # an embedding's row read is in the profile's token overhead
+                    cost = 0.0 if b["kind"] == "embedding" else latency_profile.seconds(shape_of(b), w, working_set)
+                opts[w] = (float(cost), max(0.0, float(d)))      # a negative increase is measurement noise
+            options[b["name"]] = opts
+        return options
+
     fixed_bytes = 0.0
-    for b in sens["blocks"]:
-        name = b["name"]
-        if name in keep_float:
-            continue
-        opts = {}
-        for w, d in sens["delta"][name].items():
-            shape = (b["rows"][1] - b["rows"][0], b["cols"])
-            if kind == "bytes":
-                cost = block_bytes(b, w, target)
-            else:                       # an embedding reads one row per token: in the profile's overhead
-                cost = 0.0 if b["kind"] == "embedding" else latency_profile.seconds(shape, w)
-            opts[w] = (float(cost), max(0.0, float(d)))      # a negative increase is measurement noise
-        options[name] = opts
     if kind == "bytes":
         fixed = fixed_bytes = _other_bytes(model, sens, target)
+        front = pareto_front(options_at(None))
+        i = front.best_within(limit - fixed)
+        choice, cost, sens_i = front.choices[i], front.cost[i], front.sens[i]
     else:
+        # A product's latency depends on the working set of the whole token (the weights it streams),
+        # which depends on the widths chosen: solve with the working set of the widest allocation
+        # (an upper bound on every product's cost, so its choice fits), then again with the working
+        # set of each choice; keep the best choice whose latency, at its own working set, fits.
         fixed = float(getattr(latency_profile, "overhead", 0.0))
-    front = pareto_front(options)
-    i = front.best_within(limit - fixed)
-    pred = {kind: front.cost[i] + fixed, "sensitivity": front.sens[i], "fixed_bytes": fixed_bytes}
+        ws_of = lambda ch: sum(latency_profile.packed_bytes(shape_of(b), ch[b["name"]]) for b in streamed)  # noqa: E731
+        # (Started from the narrowest allocation's working set as well: where the widest one's
+        # makes every choice too slow, a narrow one may still fit at its own.)
+        extreme = lambda pick: {b["name"]: pick(sens["delta"][b["name"]], key=latency_profile.storage_bits)  # noqa: E731
+                                for b in blocks}
+        best, smallest = None, math.inf
+        for ws in (ws_of(extreme(max)), ws_of(extreme(min))):
+            for _ in range(4):
+                front = pareto_front(options_at(ws))
+                smallest = min(smallest, min(front.cost) + fixed)
+                ok = [i for i, c in enumerate(front.cost) if c <= limit - fixed]
+                if not ok:
+                    break
+                i = min(ok, key=lambda k: (front.sens[k], front.cost[k]))
+                ch = front.choices[i]
+                true_cost = sum(options_at(ws_of(ch))[b["name"]][ch[b["name"]]][0] for b in blocks)
+                if true_cost <= limit - fixed and (best is None or front.sens[i] < best[2]):
+                    best = (ch, true_cost, front.sens[i])
+                if ws_of(ch) == ws:
+                    break
+                ws = ws_of(ch)
+            if best is not None:
+                break
+        if best is None:
+            raise ValueError(f"no allocation fits the latency budget {limit * 1e6:g} us on profile "
+                             f"{latency_profile.name!r}; the smallest is about {smallest * 1e6:g} us")
+        choice, cost, sens_i = best
+        front = pareto_front(options_at(ws_of(choice)))
+    pred = {kind: cost + fixed, "sensitivity": sens_i, "fixed_bytes": fixed_bytes}
     if kind == "latency":
         pred["fixed_seconds"] = fixed
-    return Allocation(widths=front.choices[i], budget={"kind": kind, "limit": limit, "target": target},
+        pred["working_set_bytes"] = ws_of(choice)
+    return Allocation(widths=choice, budget={"kind": kind, "limit": limit, "target": target},
                       predicted=pred, front={"cost": [c + fixed for c in front.cost], "sensitivity": front.sens},
                       sensitivity=sens)
 

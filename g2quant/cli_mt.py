@@ -92,6 +92,9 @@ def add_commands(add) -> None:
                    help="validate (loss and BLEU) on the first N sentences only")
     t.add_argument("--max-batches", type=pos_int, default=None, help="cap batches per epoch")
     t.add_argument("--time-budget", type=pos_float, default=None, help="seconds; stop after the epoch it runs out in")
+    t.add_argument("--init-from", default=None, metavar="LAST",
+                   help="continue another run (its last.safetensors: weights, optimizer, epochs) with this model's "
+                        "gates, e.g. turn Gumbel gates on in a float baseline; --epochs counts both runs")
     c_run_folder(t)
     c_threads(t)
 
@@ -234,7 +237,8 @@ def cmd_train_mt(args) -> int:
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="IWSLT14 train-sample")    # said once, by load_data
-            result = train_mt(model, data, tcfg, args.out, resume=args.resume, progress=show_progress(args),
+            result = train_mt(model, data, tcfg, args.out, resume=args.resume, init_from=args.init_from,
+                              progress=show_progress(args),
                               log=lambda s: say(args, s))
     except FileNotFoundError as exc:
         raise CLIError(str(exc)) from None

@@ -165,14 +165,22 @@ def _best_on_disk(best: Path, metric: str) -> float:
 
 
 def train_mt(model: nn.Module, data: TranslationData, tcfg: MTTrainConfig, out_dir: str | os.PathLike, *,
-             resume: bool = False, progress: bool | None = None, kind: str = "seq2seq",
-             record_extra: dict | None = None, log=print, on_epoch=None) -> MTTrainResult:
+             resume: bool = False, init_from: str | os.PathLike | None = None, progress: bool | None = None,
+             kind: str = "seq2seq", record_extra: dict | None = None, log=print, on_epoch=None) -> MTTrainResult:
     """Train ``model`` (``forward(src [S,B], tgt_in [T,B]) -> logits [T,B,V]``) on ``data.train``.
 
     After every epoch: validation loss and BLEU (``valid_beam``), ``best.safetensors`` when the
     selection metric improves (never replacing a better one already on disk), then the optimizer
     state and ``last.safetensors``. ``resume=True`` continues from ``last.safetensors`` exactly
     as an uninterrupted run would. ``on_epoch(entry)`` is called after each epoch's checkpoint.
+
+    ``init_from`` (a ``last.safetensors`` of another run on the same data, e.g. a float baseline):
+    when ``out_dir`` holds no run yet, start from that run's weights, optimizer and schedule state
+    and epoch count, and go on training *this* model (its own gates: the G2 authors' MT recipe
+    turns Gumbel gates on in a pretrained model), so that both continuations of one run have the
+    same total epochs. The inherited epochs stay in the history (``"init": true``); ``best`` is
+    chosen among this run's epochs only. With ``resume`` and a checkpoint in ``out_dir``, the
+    run resumes and ``init_from`` is not used again.
     ``progress``: tqdm bars (default: only when stderr is a terminal).
     """
     if progress is None:
@@ -192,24 +200,39 @@ def train_mt(model: nn.Module, data: TranslationData, tcfg: MTTrainConfig, out_d
     opt, sched = make_optimizer(model, tcfg)
     metric = tcfg.metric
     start_epoch = 0
-    if resume:
-        if not last.exists():
-            raise FileNotFoundError(f"--resume: no checkpoint at {last} (start without --resume)")
-        state, rec = load_checkpoint(last)
+    initialize = init_from is not None and not (resume and last.exists())
+    if init_from is not None and not initialize:
+        log(f"{last} exists: resuming it (--init-from applies only to a new run)")
+    if resume or initialize:
+        src = Path(init_from) if initialize else last
+        if not src.exists():
+            raise FileNotFoundError(f"--init-from: no checkpoint at {src}" if initialize else
+                                    f"--resume: no checkpoint at {last} (start without --resume)")
+        state, rec = load_checkpoint(src)
+        what = "continued with this model" if initialize else "resumed with this model and settings"
         try:
             model.load_state_dict(state)
             start_epoch = int(rec["epoch"]) + 1
             result.history = list(rec.get("history", []))
-            opt_file = out / rec["optimizer_state"]
+            opt_file = src.parent / rec["optimizer_state"]
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-            raise CheckpointError(f"{last} cannot be resumed with this model and settings (other model flags, "
-                                  f"data or a damaged checkpoint): {str(exc).splitlines()[0]}") from None
+            raise CheckpointError(f"{src} cannot be {what} (other model flags, data or a damaged checkpoint; "
+                                  f"--init-from needs a run's last.safetensors): {str(exc).splitlines()[0]}") from None
         if rec.get("vocab") != extra["vocab"]:
-            raise CheckpointError(f"{last} was trained with other vocabularies (data {rec.get('data')!r}); resume "
-                                  "it on the same data")
+            raise CheckpointError(f"{src} was trained with other vocabularies (data {rec.get('data')!r}); "
+                                  f"{'continue' if initialize else 'resume'} it on the same data")
         _load_optimizer(opt_file, opt, sched, int(rec["epoch"]))
-        result.best = max([_score(metric, h) for h in result.history] or [-math.inf])
-        log(f"resumed from {last}: {start_epoch} epoch(s) done")
+        if initialize:
+            for h in result.history:
+                h.setdefault("init", True)
+            extra["init_from"] = {"path": str(src), "epochs": start_epoch, "kind": rec.get("kind"),
+                                  "config": rec.get("config")}
+            log(f"starting from {src} ({start_epoch} epoch(s) done there)")
+        else:
+            if rec.get("init_from"):
+                extra["init_from"] = rec["init_from"]
+            result.best = max([_score(metric, h) for h in result.history if not h.get("init")] or [-math.inf])
+            log(f"resumed from {last}: {start_epoch} epoch(s) done")
         if start_epoch >= tcfg.epochs:
             log("nothing to do: all epochs are done")
             return result

@@ -130,13 +130,15 @@ def test_cli_allocate_writes_allocation_table_and_plot(tmp_path, capsys):
 
 def test_latency_profile_fits_and_round_trips(tmp_path):
     from g2quant.profiles import Profile, measure
-    prof = measure(shapes=((64, 64), (256, 128), (512, 256)), widths=(4, 8), repeats=2)
+    prof = measure(shapes=((64, 64), (256, 128), (512, 256)), widths=(4, 8), repeats=2, stream_pools=(1, 2))
+    assert sorted(prof.stream) == [4, 8] and all(len(p) == 2 and all(v > 0 for _, v in p) for p in prof.stream.values())
+    assert [round(w / 2 ** 20) for w, _ in prof.stream[4]] == [1, 2]
     assert set(prof.fit) == {4, 8} and all(a >= 0 and b >= 0 for a, b in prof.fit.values())
     again = Profile.from_toml(prof.to_toml(), "x")
     assert prof.overhead != 0.0 and again.overhead == pytest.approx(prof.overhead, rel=1e-6)
     for bw in prof.fit:
         assert again.fit[bw] == pytest.approx(prof.fit[bw], rel=1e-6)
-    assert again.loop == prof.loop
+    assert again.loop == prof.loop and all(np.allclose(again.stream[k], prof.stream[k], rtol=1e-5) for k in prof.stream)
     big, small = prof.seconds((512, 256), 4), prof.seconds((64, 64), 4)
     assert big >= small
     with pytest.raises(ValueError, match="no timings for 2-bit"):
@@ -166,3 +168,48 @@ def test_latency_allocation_adds_the_token_overhead_and_charges_no_product_for_t
                       for b in sens["blocks"] if b["kind"] != "embedding")
     assert a.predicted["latency"] == pytest.approx(want, rel=1e-12)
     assert a.predicted["fixed_seconds"] == 7e-6
+
+
+def test_streaming_term_prices_the_working_set_and_the_allocator_uses_it(lm_and_sens, tmp_path):
+    """A product costs a + max(in-cache compute, bytes x streaming rate at the token's working set);
+    the rate is that of the smallest measured pool holding the working set, and never falls as the
+    working set grows."""
+    from g2quant.profiles import Profile
+    fit = {bw: (1e-6, 1e-12) for bw in (1, 2, 4, 8)}
+    pts = [(2.0 ** 20, 1e-11), (4 * 2.0 ** 20, 4e-11), (16 * 2.0 ** 20, 3e-11)]      # 16 MB dips: noise
+    stream = {4: pts, 8: pts, 1: [(1.0, 2e-11)]}
+    prof = Profile("t", "cpu", "avx2", "x", 1, fit, [], overhead=2e-6, stream=stream)
+    shape = (1000, 500)                                                        # 4-bit: 250,000 bytes
+    assert prof.seconds(shape, 4) == pytest.approx(1e-6 + 1e-12 * 5e5)        # no working set: in cache
+    assert prof.seconds(shape, 4, 2.0 ** 20) == pytest.approx(1e-6 + 2.5e5 * 1e-11)
+    assert prof.seconds(shape, 4, 2 * 2.0 ** 20) == pytest.approx(1e-6 + 2.5e5 * 4e-11)     # the next pool up
+    assert prof.seconds(shape, 4, 64 * 2.0 ** 20) == pytest.approx(1e-6 + 2.5e5 * 4e-11)    # envelope, clamped
+    assert prof.seconds(shape, 8, 1.0) == pytest.approx(1e-6 + 5e5 * 1e-11)               # below: first point
+    products = [((1000, 500), 4), ((2000, 500), "binary")]
+    ws = 2.5e5 + 2000 * 500 / 8
+    assert prof.predict(products) == pytest.approx(2e-6 + sum(prof.seconds(s, w, ws) for s, w in products))
+    again = Profile.from_toml(prof.to_toml(), "t")
+    assert sorted(again.stream) == [1, 4, 8] and np.allclose(again.stream[4], pts, rtol=1e-6)
+    assert prof.seconds(shape, 2, 64 * 2.0 ** 20) == pytest.approx(1e-6 + 1e-12 * 5e5)     # 2-bit: not measured
+    bad = prof.to_toml().replace("seconds_per_byte = [", "seconds_per_byte = [1e-11, ", 1)
+    with pytest.raises(ValueError, match=r"\[stream\.1\]"):
+        Profile.from_toml(bad, "bad")
+    # the allocator prices every product at the chosen allocation's own working set
+    model, sens = lm_and_sens
+    names = [b["name"] for b in sens["blocks"] if b["kind"] != "embedding"]
+    shapes = {b["name"]: (b["rows"][1] - b["rows"][0], b["cols"]) for b in sens["blocks"]}
+    slow = Profile("s", "cpu", "avx2", "x", 1, {bw: (1e-9, 1e-12) for bw in fit}, [], overhead=2e-6,
+                   stream={bw: [(1.0, 1e-10), (2.0 ** 20, 1e-9)] for bw in fit})   # bandwidth-bound, slower when larger
+    roomy = allocate(model, sens=sens, budget="1s", latency_profile=slow)
+    chosen = [(shapes[n], roomy.widths[n]) for n in names]
+    assert roomy.predicted["latency"] == pytest.approx(slow.predict(chosen), rel=1e-9)
+    assert roomy.predicted["working_set_bytes"] == pytest.approx(sum(slow.packed_bytes(s, w) for s, w in chosen))
+    narrowest = slow.predict([(shapes[n], "binary") for n in names])
+    tight_s = (narrowest + roomy.predicted["latency"]) / 2
+    tight = allocate(model, sens=sens, budget=f"{tight_s * 1e6:.3f}us", latency_profile=slow)
+    chosen = [(shapes[n], tight.widths[n]) for n in names]
+    assert slow.predict(chosen) <= tight_s * (1 + 1e-9)
+    assert tight.predicted["latency"] == pytest.approx(slow.predict(chosen), rel=1e-9)
+    assert tight.widths != roomy.widths
+    with pytest.raises(ValueError, match="no allocation fits the latency budget"):
+        allocate(model, sens=sens, budget=f"{narrowest * 0.9e6:.4f}us", latency_profile=slow)

@@ -262,6 +262,45 @@ def test_resume_is_bit_exact(toy, tmp_path):
         torch.testing.assert_close(x, y, atol=0, rtol=0, msg=k)
 
 
+def test_init_from_continues_a_float_run_with_gumbel_gates(toy, tmp_path):
+    """--init-from: the G2 authors' MT recipe (Gumbel gates turned on in a trained float model).
+    The continuation is resuming the float run in a new folder with this model's gates: same
+    weights, optimizer state and data order, so with the same (sigmoid) gates it is bit-exact
+    that resume."""
+    cfg = MTTrainConfig(**{**TCFG.__dict__, "epochs": 2, "max_batches": 10, "valid_limit": 20})
+    train_mt(_model(toy), toy, MTTrainConfig(**{**cfg.__dict__, "epochs": 1}), tmp_path / "float", **QUIET)
+    init = tmp_path / "float" / "last.safetensors"
+    same = _model(toy)
+    r = train_mt(same, toy, cfg, tmp_path / "g2", init_from=init, **QUIET)
+    assert [h["epoch"] for h in r.history] == [1, 2] and r.history[0]["init"] and "init" not in r.history[1]
+    import shutil
+    shutil.copytree(tmp_path / "float", tmp_path / "float-resumed")
+    ref = _model(toy)
+    train_mt(ref, toy, cfg, tmp_path / "float-resumed", resume=True, **QUIET)
+    for (k, a), (_, b) in zip(ref.state_dict().items(), same.state_dict().items()):
+        torch.testing.assert_close(a, b, atol=0, rtol=0, msg=k)
+    # Gumbel gates: training goes on from the float weights and differs from the float run; the
+    # checkpoints say where they started, and best is chosen among the continuation's epochs
+    g2 = _model(toy, gates="gumbel")
+    train_mt(g2, toy, cfg, tmp_path / "g2-noisy", init_from=init, **QUIET)
+    assert any(not torch.equal(a, b) for a, b in zip(ref.state_dict().values(), g2.state_dict().values()))
+    m, rec = load_model(tmp_path / "g2-noisy" / "best.safetensors")
+    assert rec["init_from"]["path"] == str(init) and rec["init_from"]["epochs"] == 1
+    assert rec["best"]["epoch"] == 2 and m.config.gates == "gumbel"
+    # resuming a continued run keeps its record; errors name the problem
+    again = train_mt(_model(toy, gates="gumbel"), toy, MTTrainConfig(**{**cfg.__dict__, "epochs": 3}),
+                     tmp_path / "g2-noisy", resume=True, init_from=init, **QUIET)
+    assert [h["epoch"] for h in again.history] == [1, 2, 3]
+    assert load_model(tmp_path / "g2-noisy" / "last.safetensors")[1]["init_from"]["epochs"] == 1
+    with pytest.raises(FileNotFoundError, match="--init-from: no checkpoint"):
+        train_mt(_model(toy), toy, cfg, tmp_path / "x", init_from=tmp_path / "nope.safetensors", **QUIET)
+    from g2quant.checkpoint import CheckpointError
+    with pytest.raises(CheckpointError, match="cannot be continued"):
+        train_mt(_model(toy, hidden_size=16), toy, cfg, tmp_path / "y", init_from=init, **QUIET)
+    with pytest.raises(CheckpointError, match="last.safetensors"):      # best has no optimizer state
+        train_mt(_model(toy), toy, cfg, tmp_path / "z", init_from=tmp_path / "float" / "best.safetensors", **QUIET)
+
+
 def test_best_is_never_replaced_by_a_worse_run(trained, toy, tmp_path):
     m, _, r, out = trained
     import shutil
