@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ from torch import nn
 
 from g2quant.api import quantize
 from g2quant.nn import G2LSTM
+from g2quant.targets.cpu.isa import cpu_model
 
 ROOT = Path(__file__).resolve().parent.parent
 T, B, H, L = 35, 20, 200, 2
@@ -44,17 +44,6 @@ def time_step(module, x, repeats: int) -> tuple[float, float]:
 def brevitas_lstm():
     from brevitas.nn import QuantLSTM
     return QuantLSTM(H, H, num_layers=L, weight_bit_width=4)   # Brevitas defaults otherwise (int8 I/O, gates)
-
-
-def _cpu_model() -> str:
-    """The CPU's model name (``platform.processor()`` is empty on Linux)."""
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main(argv=None) -> int:
@@ -90,7 +79,7 @@ def main(argv=None) -> int:
         r["ratio_vs_nn_lstm"] = r["ms_min"] / ref
     result = {"benchmark": "lstm_speed", "command": "python benchmarks/lstm_speed.py --threads "
               f"{args.threads}", "shape": {"seq": T, "batch": B, "hidden": H, "layers": L},
-              "threads": args.threads, "torch": torch.__version__, "machine": _cpu_model(),
+              "threads": args.threads, "torch": torch.__version__, "machine": cpu_model(),
               "rows": rows}
     Path(args.out).write_text(json.dumps(result, indent=1))
     print("\n| layer | ms / step (fwd+bwd) | × nn.LSTM |\n|---|---|---|")

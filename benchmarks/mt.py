@@ -44,6 +44,7 @@ from g2quant.evaluate_mt import evaluate_bleu, valid_loss
 from g2quant.models.seq2seq import Seq2Seq, Seq2SeqConfig
 from g2quant.nn import GateRecorder
 from g2quant.train_mt import MTTrainConfig, train_mt
+from g2quant.targets.cpu.isa import cpu_model
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = {  # name -> Seq2SeqConfig overrides
@@ -128,7 +129,7 @@ def cmd_collect(args) -> int:
     dest = Path(args.results) if args.results else (Path(args.out) / "mt_multi30k.json" if smoke else RESULTS)
     results = {"benchmark": "mt_multi30k", "smoke": smoke,
                "command": "python benchmarks/mt.py train --model M; python benchmarks/mt.py collect",
-               "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
+               "machine": cpu_model(), "torch": torch.__version__,
                "bleu_convention": "tokenized, lowercased, BPE removed; sacrebleu tokenize=none; beam 5, "
                                   "length-normalized", "models": rows}
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -243,7 +244,7 @@ def cmd_quant(args) -> int:
             base = ref["if" if r["gates"] == "if" else "soft"]
             r["delta_bleu_vs_float_same_gates"] = None if base is None else r["test_bleu"] - base
     result = {"benchmark": "mt_quant", "command": "python benchmarks/mt.py quant --models " + " ".join(args.models),
-              "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
+              "machine": cpu_model(), "torch": torch.__version__,
               "bleu": f"Multi30k test, beam {args.beam}, tokenized lowercased, sacrebleu tokenize=none",
               "activations": "int8 dynamic (per row) for every quantized row", "rows": rows}
     dest = Path(args.results) if args.results else QUANT_RESULTS
@@ -329,7 +330,7 @@ def cmd_speed(args) -> int:
         r["speedup_vs_torch_fp32"] = r["sentences_per_s"] / base["sentences_per_s"]
     result = {"benchmark": "mt_speed", "command": f"python benchmarks/mt.py speed --model {args.model} --threads "
               f"{args.threads} --bits {args.bits}" + (f" --hard-gates {args.hard_gates}" if args.hard_gates else ""),
-              "machine": platform.processor() or platform.machine(), "cpu": _cpu_name(), "threads": args.threads,
+              "machine": platform.processor() or platform.machine(), "cpu": cpu_model(), "threads": args.threads,
               "kernels": isa.describe(), "beam": args.beam, "torch": torch.__version__,
               "engine_load_and_first_call_seconds": first_call, "note": "batches group sentences of equal source "
               "length (at most the batch size)", "rows": rows}
@@ -341,16 +342,6 @@ def cmd_speed(args) -> int:
               f"{r['bleu_on_these']:.2f} |")
     print(f"wrote {dest}")
     return 0
-
-
-def _cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def main(argv=None) -> int:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ from g2quant.evaluate import lm_perplexity
 from g2quant.models import LMConfig, WordLM
 from g2quant.nn import GateRecorder
 from g2quant.train import TrainConfig, train_lm
+from g2quant.targets.cpu.isa import cpu_model
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = {  # name -> LMConfig overrides (tau from the paper)
@@ -85,16 +85,6 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def cmd_collect(args) -> int:
     found = False
     for cell, dest_name in (("lstm", "ptb_small.json"), ("gru", "ptb_small_gru.json")):
@@ -111,7 +101,7 @@ def cmd_collect(args) -> int:
         # runs/) are kept, in MODELS order, each with the machine it recorded
         old = json.loads(dest.read_text()) if dest.exists() else {}
         new = {r["model"] for r in rows}
-        machine = _cpu_model()
+        machine = cpu_model()
         for r in rows:
             r.setdefault("machine", machine)
         for r in old.get("models", []):

@@ -73,11 +73,15 @@ def cmd_profile(args) -> int:
         save_profile(prof, args.out)
     if args.json:
         print(json.dumps({"name": prof.name, "loop": prof.loop, "cpu": prof.cpu, "threads": prof.threads,
-                          "fit": {str(k): v for k, v in prof.fit.items()}}, indent=2))
+                          "fit": {str(k): v for k, v in prof.fit.items()}, "overhead_seconds": prof.overhead,
+                          "stream": {str(k): v for k, v in prof.stream.items()}}, indent=2))
     else:
         print(f"profile {prof.name} ({prof.loop}, {prof.threads} thread): cached in {path}")
+        print(f"  per token: {prof.overhead * 1e6:.1f} us beyond the products")
         for bw, (a, b) in sorted(prof.fit.items()):
-            print(f"  {bw}-bit: {a * 1e6:.2f} us + {b * 1e12:.3f} ps per MAC")
+            rates = ", ".join(f"{w / 2 ** 20:g} MB {1e-9 / v:.0f}" for w, v in prof.stream.get(bw, []))
+            print(f"  {bw}-bit: {a * 1e6:.2f} us + {b * 1e12:.3f} ps per MAC in cache"
+                  + (f"; streaming GB/s by working set: {rates}" if rates else ""))
     return 0
 
 

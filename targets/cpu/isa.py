@@ -83,6 +83,18 @@ def machine() -> str:
     return {"amd64": "x86_64", "x64": "x86_64", "arm64": "aarch64"}.get(m, m)
 
 
+def cpu_model() -> str:
+    """The CPU's marketing name (``/proc/cpuinfo``; ``platform.processor()`` is empty on Linux)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def _auxv(kind: int) -> int | None:
     """``getauxval(kind)`` of this process, None where there is no such call (not Linux)."""
     try:
