@@ -121,12 +121,20 @@ def cmd_train(args) -> int:
 def cmd_collect(args) -> int:
     found = sorted(p.parent.name for p in Path(args.out).glob("*/result.json"))
     names = [n for n in MODELS if n in found] + [n for n in found if n not in MODELS]
-    rows = [json.loads((Path(args.out) / n / "result.json").read_text()) for n in names]
+    rows = [{**json.loads((Path(args.out) / n / "result.json").read_text()), "model": n} for n in names]
     if not rows:
         print(f"no results under {args.out}; run `train` first", file=sys.stderr)
         return 1
     smoke = any(r.get("smoke") for r in rows)
     dest = Path(args.results) if args.results else (Path(args.out) / "mt_multi30k.json" if smoke else RESULTS)
+    for r in rows:
+        r.setdefault("machine", cpu_model())
+    if dest.exists() and not smoke:     # rows of runs trained on an earlier machine (their folders are gone)
+        old = json.loads(dest.read_text())
+        for r in old.get("models", []):
+            if r.get("model") not in names and not r.get("smoke"):
+                r.setdefault("machine", old.get("machine"))
+                rows.append(r)
     results = {"benchmark": "mt_multi30k", "smoke": smoke,
                "command": "python benchmarks/mt.py train --model M; python benchmarks/mt.py collect",
                "machine": cpu_model(), "torch": torch.__version__,

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
 import sys
 import time
@@ -29,6 +28,7 @@ from g2quant.compress import compress_gates
 from g2quant.data.ptb import load_ptb
 from g2quant.evaluate import lm_perplexity
 from g2quant.report import QATSettings, plot, tradeoff
+from g2quant.targets.cpu.isa import cpu_model
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ("baseline", "g2", "sharpened")
@@ -49,7 +49,8 @@ def cmd_sweep(args) -> int:
     tradeoff(model, eval_data=corpus.test, train_data=corpus.train, valid_data=corpus.valid[:20_000],
              out_dir=Path(args.out) / args.model, name=f"PTB small {args.model}",
              gate_modes=tuple(args.gates.split(",")), methods=tuple(args.methods.split(",")),
-             qat=QATSettings(max_batches=args.qat_batches, lr=args.qat_lr), progress=False)
+             qat=QATSettings(max_batches=args.qat_batches, lr=args.qat_lr), progress=False,
+             hard_gates=args.hard_gates)
     print(f"{args.model}: sweep done in {time.time() - t0:.0f}s")
     return 0
 
@@ -75,10 +76,11 @@ def cmd_compress(args) -> int:
 def cmd_collect(args) -> int:
     out = Path(args.out)
     result = {"benchmark": "ptb_quant", "command": __doc__.strip().splitlines()[3:7],
-              "machine": platform.processor(), "torch": torch.__version__, "models": {}}
+              "machine": cpu_model(), "torch": torch.__version__, "models": {}}
     img = ROOT / "docs" / "img"
     img.mkdir(parents=True, exist_ok=True)
-    for name in MODELS:
+    found = sorted(p.parent.name for p in out.glob("*/results.json"))
+    for name in [n for n in MODELS if n in found] + [n for n in found if n not in MODELS]:
         p = out / name / "results.json"
         if p.exists():
             result["models"][name] = json.loads(p.read_text())
@@ -87,6 +89,12 @@ def cmd_collect(args) -> int:
     if (out / "compress.json").exists():
         result["compress"] = json.loads((out / "compress.json").read_text())
     dest = ROOT / "benchmarks" / "results" / "ptb_quant.json"
+    if dest.exists():          # models swept in an earlier session (their run folders are gone) stay
+        old = json.loads(dest.read_text())
+        for name, res in old.get("models", {}).items():
+            result["models"].setdefault(name, res)
+        if "compress" not in result and "compress" in old:
+            result["compress"] = old["compress"]
     dest.write_text(json.dumps(result, indent=1))
     # one combined plot: hard-gate QAT of every model
     rows = []
@@ -128,7 +136,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("sweep")
-    s.add_argument("--model", choices=MODELS, required=True)
+    s.add_argument("--model", required=True, help="a run folder under --ckpts (baseline, g2, sharpened, gru-g2-r, ...)")
+    s.add_argument("--hard-gates", default=None, help="gates of the hard rows (default: those the model trained as "
+                                                      "Gumbel gates)")
     s.add_argument("--gates", default="soft,hard")
     s.add_argument("--methods", default="ptq,qat")
     s.add_argument("--qat-batches", type=int, default=300)

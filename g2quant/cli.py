@@ -209,7 +209,8 @@ def cmd_report(args) -> int:
         rows = tradeoff(model, eval_data=getattr(corpus, args.split), train_data=corpus.train,
                         valid_data=corpus.valid[:20_000], out_dir=args.out, name=args.name or str(args.checkpoint),
                         widths=widths, methods=args.methods.split(","), gate_modes=args.gates.split(","),
-                        qat=QATSettings(lr=args.qat_lr, max_batches=args.qat_batches))
+                        qat=QATSettings(lr=args.qat_lr, max_batches=args.qat_batches),
+                        hard_gates=args.hard_gates or None)
     except ValueError as exc:
         raise CLIError(str(exc)) from None
     print(f"{len(rows)} rows -> {args.out}/results.json, table.md, tradeoff.png")
@@ -481,7 +482,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("checkpoint", help="float checkpoint")
     r.add_argument("--widths", default="8,6,4,3,2,ternary,binary", help="comma-separated weight widths")
     r.add_argument("--methods", default="ptq,qat", help="ptq and/or qat")
-    r.add_argument("--gates", default="soft,hard", help="soft and/or hard (hard input and forget gates)")
+    r.add_argument("--gates", default="soft,hard", help="soft and/or hard (by default the gates the model trained "
+                   "as Gumbel gates: LSTM i,f; GRU r,z; see --hard-gates)")
+    r.add_argument("--hard-gates", type=_gates_arg, default=None, help="the gates of the hard rows, e.g. 'r'")
     r.add_argument("--split", choices=["valid", "test"], default="test", help="evaluation split")
     r.add_argument("--qat-lr", type=_positive_float, default=2.0, help="QAT learning rate")
     r.add_argument("--qat-batches", type=_positive_int, default=400, help="QAT batches per row")

@@ -10,7 +10,17 @@ from pathlib import Path
 
 
 WIDTHS = (8, 6, 4, 3, 2, "ternary", "binary")
-GATE_MODES = {"soft": "", "hard": "if"}
+GATE_MODES = {"soft": "", "hard": None}      # hard: the gates the model trained to be binary (below)
+
+
+def default_hard_gates(model) -> str:
+    """The gates a "hard" row evaluates as ``1[a > 0]``: those the model trained as Gumbel gates
+    (its config's ``gumbel_gates``), else the family's (LSTM i, f; GRU r, z)."""
+    cfg = getattr(model, "config", None)
+    gates = getattr(cfg, "gumbel_gates", None)
+    if gates:
+        return "".join(sorted(set(gates), key="ifrzo".index))
+    return "rz" if getattr(cfg, "cell", "lstm") == "gru" else "if"
 
 
 @dataclass(frozen=True)
@@ -37,8 +47,9 @@ def _eval(model, data, batch_size, bptt) -> float:
 def tradeoff(model, *, eval_data, train_data=None, valid_data=None, out_dir, name: str = "model",
              widths=WIDTHS, methods=("ptq", "qat"), gate_modes=("soft", "hard"),
              qat: QATSettings = QATSettings(), eval_batch_size: int = 10, eval_bptt: int = 35,
-             progress: bool = True, log=print) -> list[dict]:
-    """Run the sweep for one float LM; returns the rows (also in ``out_dir/results.json``)."""
+             progress: bool = True, log=print, hard_gates: str | None = None) -> list[dict]:
+    """Run the sweep for one float LM; returns the rows (also in ``out_dir/results.json``).
+    ``hard_gates``: the gates of the "hard" rows (default :func:`default_hard_gates`)."""
     from .api import quantize
     from .train import TrainConfig, train_lm
 
@@ -73,7 +84,7 @@ def tradeoff(model, *, eval_data, train_data=None, valid_data=None, out_dir, nam
         if key in done:
             continue
         t0 = time.time()
-        hard = GATE_MODES[gates]
+        hard = GATE_MODES[gates] if gates == "soft" else (hard_gates or default_hard_gates(model))
         if method == "float":
             q = quantize(model, bits=16, act_bits=None, hard_gates=hard)
         elif method == "ptq":

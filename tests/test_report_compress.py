@@ -74,6 +74,28 @@ def test_tradeoff_writes_results_and_resumes(tiny_lm, tmp_path):
     assert [r["seconds"] for r in again] == [r["seconds"] for r in rows]
 
 
+def test_tradeoff_hard_rows_use_the_gates_the_model_trained_binary(tmp_path):
+    """The "hard" rows evaluate the model's own Gumbel gates: i, f for a G2-LSTM, r and z (or the
+    one it trained) for a G2-GRU, whose alphabet has no i or f."""
+    from g2quant.report import default_hard_gates
+    corpus = synthetic_corpus(n_train=600, n_valid=80, n_test=80)
+    torch.manual_seed(0)
+    V = len(corpus.vocab)
+    gru = WordLM(LMConfig(vocab_size=V, emb_size=8, hidden_size=8, cell="gru", gates="gumbel")).eval()
+    gru_r = WordLM(LMConfig(vocab_size=V, emb_size=8, hidden_size=8, cell="gru", gates="gumbel",
+                            gumbel_gates="r")).eval()
+    lstm = WordLM(LMConfig(vocab_size=V, emb_size=8, hidden_size=8)).eval()
+    assert (default_hard_gates(gru), default_hard_gates(gru_r), default_hard_gates(lstm)) == ("rz", "r", "if")
+    rows = tradeoff(gru_r, eval_data=corpus.test, out_dir=tmp_path / "r", widths=(4,), methods=("ptq",),
+                    gate_modes=("soft", "hard"), progress=False, log=lambda s: None)
+    by = {(r["bits"], r["gates"]): r for r in rows}
+    assert by[(4, "hard")]["hard_gates"] == "r" and by[(4, "soft")]["hard_gates"] == ""
+    assert by[(4, "hard")]["ppl"] != by[(4, "soft")]["ppl"]
+    rows = tradeoff(gru_r, eval_data=corpus.test, out_dir=tmp_path / "z", widths=(4,), methods=("ptq",),
+                    gate_modes=("hard",), progress=False, log=lambda s: None, hard_gates="z")
+    assert {r["hard_gates"] for r in rows} == {"z"}
+
+
 def test_cli_finetune_export_eval_and_errors(tmp_path, capsys):
     ck = tmp_path / "float"
     assert main(["train-lm", "--data", "synthetic", "--preset", "tiny", "--epochs", "1", "--max-batches", "10",
