@@ -337,7 +337,9 @@ def cmd_speed(args) -> int:
         base = next(x for x in rows if x["batch"] == r["batch"] and x["runner"] == "torch fp32")
         r["speedup_vs_torch_fp32"] = r["sentences_per_s"] / base["sentences_per_s"]
     result = {"benchmark": "mt_speed", "command": f"python benchmarks/mt.py speed --model {args.model} --threads "
-              f"{args.threads} --bits {args.bits}" + (f" --hard-gates {args.hard_gates}" if args.hard_gates else ""),
+              f"{args.threads} --bits {args.bits}" + (f" --hard-gates {args.hard_gates}" if args.hard_gates else "")
+              + f" --sentences-batch1 {args.sentences_batch1}"
+              + (f" --sentences-batch32 {args.sentences_batch32}" if args.sentences_batch32 else ""),
               "machine": platform.processor() or platform.machine(), "cpu": cpu_model(), "threads": args.threads,
               "kernels": isa.describe(), "beam": args.beam, "torch": torch.__version__,
               "engine_load_and_first_call_seconds": first_call, "note": "batches group sentences of equal source "

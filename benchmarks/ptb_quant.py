@@ -100,7 +100,7 @@ def cmd_collect(args) -> int:
     rows = []
     for name, res in result["models"].items():
         for r in res["rows"]:
-            if r["method"] in ("qat", "float") and r["gates"] == "hard":
+            if r["method"] in ("qat", "float") and r["gates"] == "hard" and r.get("hard_gates", "if") == "if":
                 rows.append(r)
     if rows:
         plot(rows, img / "tradeoff_ptb_small_all.png", title="PTB small: QAT with hard i/f gates (all models)")
