@@ -3,8 +3,10 @@
 A fixed count is honoured as given (``Engine.load(..., threads=n)``, ``--threads n``). By default
 (``threads=None``) the engine chooses per kind of call (streaming step or whole sequence, and the
 batch size) between one thread and all of Numba's threads from what it measures: the faster of
-the two, by an exponential moving average of the call time of the count in use against the last
-probe of the other count. A probe that loses doubles the interval to the next one (up to ``MAX_INTERVAL`` calls),
+the two, by an exponential moving average of the call time of the count in use against probes of
+the other count: it switches when two probes in a row beat the average by ``MARGIN`` (one fast
+call on a busy machine is luck: a 2-thread step there is sometimes faster than a 1-thread one and
+on average twice as slow). A probe that loses doubles the interval to the next one (up to ``MAX_INTERVAL`` calls),
 so on a busy machine — where a parallel region waits for a descheduled thread and a two-thread
 step can take 30× a one-thread step — the cost of probing stays a small fraction of the calls,
 and when the machine becomes idle again the next probe finds the parallel count faster and
@@ -17,6 +19,7 @@ import time
 ALPHA = 0.25               # weight of a new measurement in the moving average
 FIRST_INTERVAL = 16        # calls between probes of the other thread count, at first
 MAX_INTERVAL = 4096
+MARGIN = 0.10              # a probe must beat the count in use by this fraction, twice in a row
 
 
 class _Arm:
@@ -33,7 +36,7 @@ class _Arm:
 class _Choice:
     """The state of one kind of call: the two candidate counts, their averages, the probe clock."""
 
-    __slots__ = ("arms", "current", "interval", "countdown", "probing")
+    __slots__ = ("arms", "current", "interval", "countdown", "probing", "won_once")
 
     def __init__(self, counts):
         self.arms = {c: _Arm() for c in counts}
@@ -41,6 +44,7 @@ class _Choice:
         self.interval = FIRST_INTERVAL
         self.countdown = 2                        # measure the other count early
         self.probing = None
+        self.won_once = False                     # the last probe won: confirm with the next call
 
 
 class ThreadPolicy:
@@ -73,11 +77,14 @@ class ThreadPolicy:
             return
         ch.probing = None
         ch.arms[threads].avg = seconds            # a probe stands for now, whatever that arm did before
-        best = min(ch.arms, key=lambda c: ch.arms[c].avg)
-        if best != ch.current:
-            ch.current, ch.interval = best, FIRST_INTERVAL        # switched: keep checking closely
+        if seconds < (1 - MARGIN) * ch.arms[ch.current].avg:
+            if not ch.won_once:                   # one fast call on a busy machine is luck: probe again
+                ch.won_once, ch.countdown = True, 1
+                return
+            ch.current, ch.interval = threads, FIRST_INTERVAL     # switched: keep checking closely
         else:
             ch.interval = min(ch.interval * 2, MAX_INTERVAL)      # the probe lost: probe less often
+        ch.won_once = False
         ch.countdown = ch.interval
 
     def summary(self) -> dict:
