@@ -381,6 +381,17 @@ def test_cli_train_translate_eval(data_root, tmp_path, monkeypatch, capsys):
     assert "smoke tests only" in err
     assert _main(argv, monkeypatch) == 2                                    # a run is there already
     assert "--resume" in capsys.readouterr().err
+    g2 = tmp_path / "g2"                       # Gumbel gates turned on in that run, one more epoch
+    assert _main(["train-mt", "--data", "iwslt14", "--allow-sample", "--epochs", "2", "--max-batches", "3",
+                  "--valid-limit", "10", "--gates", "gumbel", "--init-from", str(out / "last.safetensors"),
+                  "--out", str(g2)] + small, monkeypatch) == 0
+    from g2quant.checkpoint import load_checkpoint as _lc
+    rec = _lc(g2 / "last.safetensors")[1]
+    assert rec["config"]["gates"] == "gumbel" and rec["init_from"]["epochs"] == 1 and len(rec["history"]) == 2
+    capsys.readouterr()
+    assert _main(["train-mt", "--data", "iwslt14", "--allow-sample", "--epochs", "2", "--init-from",
+                  str(out / "best.safetensors"), "--out", str(tmp_path / "g2b")] + small, monkeypatch) == 2
+    assert "last.safetensors" in capsys.readouterr().err
     monkeypatch.setattr("sys.stdin", __import__("io").StringIO("ein mann .\n\nzwei hunde .\n"))
     assert _main(["translate", str(out / "best.safetensors"), "--beam", "2", "--max-len", "5", "-q"],
                  monkeypatch) == 0
