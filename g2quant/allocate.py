@@ -302,7 +302,7 @@ def allocate(model: nn.Module, calib_tokens=None, *, budget=None, target: str = 
                     break
                 i = min(ok, key=lambda k: (front.sens[k], front.cost[k]))
                 ch = front.choices[i]
-                true_cost = sum(options_at(ws_of(ch))[b["name"]][ch[b["name"]]][0] for b in blocks)
+                true_cost = sum(latency_profile.seconds(shape_of(b), ch[b["name"]], ws_of(ch)) for b in streamed)
                 if true_cost <= limit - fixed and (best is None or front.sens[i] < best[2]):
                     best = (ch, true_cost, front.sens[i])
                 if ws_of(ch) == ws:

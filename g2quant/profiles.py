@@ -146,13 +146,11 @@ def measure(*, threads: int = 1, repeats: int = 5, shapes=SHAPES, widths=(1, 2, 
     rng = np.random.default_rng(0)
     rows_out = []
     for bw in widths:
-        bits = WIDTH_BITS[bw]
         for R, K in shapes:
-            m = random_qmatrix(R, K, 1 if bits == "binary" else bits, rng)
-            x = rng.standard_normal((1, K)).astype(np.float32)
+            m = kernels.prepare(random_qmatrix(R, K, _code_bits(bw), rng))
             # the kernel entry the engine's programs call (not a whole graph run: the engine's own
             # per-token cost is the LM overhead measured below)
-            best = _time_product(kernels.prepare(m), x, threads, repeats)
+            best = _time_pool([m], threads, repeats, rng)[0]
             rows_out.append((R, K, bw, best))
             if progress:
                 progress(f"{bw}-bit {R}x{K}: {best * 1e6:.1f} us")
@@ -170,7 +168,7 @@ def measure(*, threads: int = 1, repeats: int = 5, shapes=SHAPES, widths=(1, 2, 
     from .targets.cpu.testing import random_lm_weights
     V, H = OVERHEAD_LM
     bw = max(fit)
-    bits = 1 if WIDTH_BITS[bw] == "binary" else WIDTH_BITS[bw]
+    bits = _code_bits(bw)
     w = random_lm_weights(V, H, 2, bits, seed=1)
     prof.overhead = lm_token_seconds(Engine(w.to_graph(), threads=threads), repeats) - \
         sum(prof.seconds(shape, bits if bits != 1 else "binary") for shape in lm_product_shapes(V, H, H, 2))
@@ -179,30 +177,44 @@ def measure(*, threads: int = 1, repeats: int = 5, shapes=SHAPES, widths=(1, 2, 
     return prof
 
 
-def _time_product(km, x, threads: int, repeats: int, n: int = 50) -> float:
-    """Min over ``repeats`` of the mean time of ``n`` batch-1 ``linear_fwd`` calls of ``km``."""
+def _code_bits(bw: int) -> int:
+    """The ``bits`` argument of ``random_qmatrix`` for a storage width (1 = binary)."""
+    return 1 if WIDTH_BITS[bw] == "binary" else WIDTH_BITS[bw]
+
+
+def _time_pool(mats, threads: int, repeats: int, rng, sizes=(1,), calls: int = 64) -> list[float]:
+    """Seconds per batch-1 ``linear_fwd`` call cycling through the first ``n`` of ``mats`` (same
+    shape and width), for each ``n`` in ``sizes``: min over ``repeats`` of the mean of at least
+    ``calls`` calls, after a warm-up pass through the pool."""
     import numba
 
     from .targets.cpu import isa, kernels
     from .targets.cpu import program_kernels as pk
-    out = np.empty((1, km.rows), np.float32)
-    lits = (isa.loop_id(kernels.get_path()), km.bw)
-    args = (km.data, km.nlines, km.scale, km.scale, False, x, out)
+    x = rng.standard_normal((1, mats[0].cols)).astype(np.float32)
+    out = np.empty((1, mats[0].rows), np.float32)
+    lits = (isa.loop_id(kernels.get_path()), mats[0].bw)
+    pool_args = [(m.data, m.nlines, m.scale, m.scale, False, x, out) for m in mats]
     prev = numba.get_num_threads()
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
     try:
-        fn = pk.specialize(pk.linear_fwd, lits, args)
-        for _ in range(20):
-            fn(*lits, *args)
-        best = float("inf")
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            for _ in range(n):
+        fn = pk.specialize(pk.linear_fwd, lits, pool_args[0])
+        res = []
+        for n in sizes:
+            pool = pool_args[:n]
+            cycles = max(2, -(-calls // n))
+            for args in pool * max(2, -(-20 // n)):                  # warm-up
                 fn(*lits, *args)
-            best = min(best, (time.perf_counter() - t0) / n)
+            best = float("inf")
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                for _ in range(cycles):
+                    for args in pool:
+                        fn(*lits, *args)
+                best = min(best, (time.perf_counter() - t0) / (cycles * n))
+            res.append(best)
     finally:
         numba.set_num_threads(prev)
-    return best
+    return res
 
 
 OVERHEAD_LM = (64, 32)       # vocab, hidden of the LM the token overhead is measured on
@@ -215,44 +227,19 @@ def measure_stream(bw: int, *, threads: int = 1, repeats: int = 5, pools=STREAM_
                    progress=None) -> list[tuple[float, float]]:
     """Seconds per packed byte of the ``bw``-bit batch-1 product kernel cycling through pools of
     ``pools`` distinct matrices (at most 64 MB: the weights a token streams from L2, L3 or memory)."""
-    import numba
-
-    from .targets.cpu import isa, kernels
-    from .targets.cpu import program_kernels as pk
+    from .targets.cpu import kernels
     from .targets.cpu.testing import random_qmatrix
 
     rng = np.random.default_rng(1)
     R, K = shape
-    bits = 1 if WIDTH_BITS[bw] == "binary" else WIDTH_BITS[bw]
     per = R * K * bw / 8.0
     counts = sorted({n for n in pools if n * per <= STREAM_MAX_BYTES} or {1})
-    mats = [kernels.prepare(random_qmatrix(R, K, bits, rng)) for _ in range(max(counts))]
-    x = rng.standard_normal((1, K)).astype(np.float32)
-    out = np.empty((1, R), np.float32)
-    lits = (isa.loop_id(kernels.get_path()), mats[0].bw)
-    prev = numba.get_num_threads()
-    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
-    try:
-        calls = [(m.data, m.nlines, m.scale, m.scale, False, x, out) for m in mats]
-        fn = pk.specialize(pk.linear_fwd, lits, calls[0])
-        res = []
-        for n in counts:
-            pool = calls[:n]
-            cycles = max(2, 64 // n)
-            for args in pool * 2:                                    # warm-up: through the pool twice
-                fn(*lits, *args)
-            best = float("inf")
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                for _ in range(cycles):
-                    for args in pool:
-                        fn(*lits, *args)
-                best = min(best, (time.perf_counter() - t0) / (cycles * n))
-            res.append((n * per, best / per))
-            if progress:
-                progress(f"{bw}-bit streaming, {n * per / 2 ** 20:.2f} MB working set: {per / best / 1e9:.1f} GB/s")
-    finally:
-        numba.set_num_threads(prev)
+    mats = [kernels.prepare(random_qmatrix(R, K, _code_bits(bw), rng)) for _ in range(max(counts))]
+    res = []
+    for n, best in zip(counts, _time_pool(mats, threads, repeats, rng, sizes=counts)):
+        res.append((n * per, best / per))
+        if progress:
+            progress(f"{bw}-bit streaming, {n * per / 2 ** 20:.2f} MB working set: {per / best / 1e9:.1f} GB/s")
     return res
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 
 WIDTHS = (8, 6, 4, 3, 2, "ternary", "binary")
-GATE_MODES = {"soft": "", "hard": None}      # hard: the gates the model trained to be binary (below)
+GATE_MODES = ("soft", "hard")      # hard: the gates the model trained to be binary (default_hard_gates)
 
 
 def default_hard_gates(model) -> str:
@@ -84,7 +84,7 @@ def tradeoff(model, *, eval_data, train_data=None, valid_data=None, out_dir, nam
         if key in done:
             continue
         t0 = time.time()
-        hard = GATE_MODES[gates] if gates == "soft" else (hard_gates or default_hard_gates(model))
+        hard = "" if gates == "soft" else (hard_gates or default_hard_gates(model))
         if method == "float":
             q = quantize(model, bits=16, act_bits=None, hard_gates=hard)
         elif method == "ptq":
