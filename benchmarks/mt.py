@@ -46,6 +46,9 @@ from g2quant.nn import GateRecorder
 from g2quant.train_mt import MTTrainConfig, train_mt
 from g2quant.targets.cpu.isa import cpu_model
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_merge import with_earlier_rows  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = {  # name -> Seq2SeqConfig overrides
     "baseline": dict(gates="sigmoid"),
@@ -127,14 +130,8 @@ def cmd_collect(args) -> int:
         return 1
     smoke = any(r.get("smoke") for r in rows)
     dest = Path(args.results) if args.results else (Path(args.out) / "mt_multi30k.json" if smoke else RESULTS)
-    for r in rows:
-        r.setdefault("machine", cpu_model())
-    if dest.exists() and not smoke:     # rows of runs trained on an earlier machine (their folders are gone)
-        old = json.loads(dest.read_text())
-        for r in old.get("models", []):
-            if r.get("model") not in names and not r.get("smoke"):
-                r.setdefault("machine", old.get("machine"))
-                rows.append(r)
+    if not smoke:                       # rows of runs trained on an earlier machine (their folders are gone)
+        rows = with_earlier_rows(rows, dest, keep=lambda r: not r.get("smoke"))
     results = {"benchmark": "mt_multi30k", "smoke": smoke,
                "command": "python benchmarks/mt.py train --model M; python benchmarks/mt.py collect",
                "machine": cpu_model(), "torch": torch.__version__,

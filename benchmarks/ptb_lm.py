@@ -28,6 +28,9 @@ from g2quant.nn import GateRecorder
 from g2quant.train import TrainConfig, train_lm
 from g2quant.targets.cpu.isa import cpu_model
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_merge import with_earlier_rows  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = {  # name -> LMConfig overrides (tau from the paper)
     "baseline": dict(gates="sigmoid"),
@@ -99,20 +102,12 @@ def cmd_collect(args) -> int:
         dest = ROOT / "benchmarks" / "results" / dest_name
         # rows of models trained in an earlier session (their run folders gone with that machine's
         # runs/) are kept, in MODELS order, each with the machine it recorded
-        old = json.loads(dest.read_text()) if dest.exists() else {}
-        new = {r["model"] for r in rows}
-        machine = cpu_model()
-        for r in rows:
-            r.setdefault("machine", machine)
-        for r in old.get("models", []):
-            if r.get("model") not in new:
-                r.setdefault("machine", old.get("machine"))
-                rows.append(r)
+        rows = with_earlier_rows(rows, dest)
         order = {n: k for k, n in enumerate(MODELS)}
         rows.sort(key=lambda r: order.get(r.get("model"), len(order)))
         results = {"benchmark": "ptb_small" + ("" if cell == "lstm" else "_gru"),
                    "command": "python benchmarks/ptb_lm.py train --model M; python benchmarks/ptb_lm.py collect",
-                   "machine": machine, "torch": torch.__version__, "models": rows}
+                   "machine": cpu_model(), "torch": torch.__version__, "models": rows}
         dest.write_text(json.dumps(results, indent=1))
         hard = HARD_SETS[cell]
         g1, g2 = ("i", "f") if cell == "lstm" else ("r", "z")
