@@ -86,19 +86,20 @@ def _width_label(w) -> str:
 
 
 def sensitivity(model: nn.Module, calib_tokens, *, widths=WIDTHS, granularity: str = "matrix",
-                batch_size: int = 10, bptt: int = 35, loss_fn=None, progress=None) -> dict:
+                batch_size: int = 10, bptt: int = 35, loss_fn=None, progress=None, hard_gates: str = "") -> dict:
     """``{"blocks": [...], "base_loss": L0, "delta": {block: {width: ΔL}}, "seconds": s}``.
 
     The reference is the model with float weights and the deployed int8 activations
     (``quantize(model, bits=16)``); each entry quantizes only that block's rows to that width
     with the same quantizer ``quantize()`` would use. ``loss_fn(qmodel) -> float`` replaces the
-    default LM loss (mean cross-entropy on ``calib_tokens``)."""
+    default LM loss (mean cross-entropy on ``calib_tokens``). ``hard_gates`` (e.g. ``"if"``) measures
+    with the gates deployed as ``1[a > 0]``, as the model will run."""
     from .api import quantize
     from .nn.quant import IntWeightQuant, make_weight_quantizer
 
     t0 = time.perf_counter()
     blocks = weight_blocks(model, granularity)
-    q = quantize(model, bits=16)                          # float weights, A8 activations
+    q = quantize(model, bits=16, hard_gates=hard_gates)   # float weights, A8 activations
     q.eval()
     tokens = torch.as_tensor(np.asarray(calib_tokens))
     evaluate = loss_fn or (lambda m: _mean_loss(m, tokens, batch_size, bptt))
@@ -123,7 +124,7 @@ def sensitivity(model: nn.Module, calib_tokens, *, widths=WIDTHS, granularity: s
         if progress is not None:
             progress(i + 1, len(blocks))
     return {"blocks": [asdict(b) for b in blocks], "base_loss": base, "delta": delta, "widths": [str(w) for w in widths],
-            "granularity": granularity, "seconds": time.perf_counter() - t0,
+            "granularity": granularity, "hard_gates": hard_gates, "seconds": time.perf_counter() - t0,
             "calib_tokens": int(tokens.numel())}
 
 

@@ -80,6 +80,19 @@ def test_blocks_and_sensitivities(lm_and_sens):
     assert len(gates) == 2 + 4 * 4 and gates[1].name == "rnn.weight_ih_l0[i]" and gates[1].shape == (16, 16)
 
 
+def test_sensitivity_with_hard_gates_measures_the_deployed_model(lm_and_sens):
+    """hard_gates="if" measures every entry with the gates as deployed: the base loss is that of the
+    hard-gate model, and a block's delta differs from the soft-gate measurement."""
+    from g2quant.evaluate import lm_perplexity
+    m, soft = lm_and_sens
+    tokens = np.random.default_rng(0).integers(0, 60, 600)
+    s = sensitivity(m, tokens, widths=(2,), batch_size=4, bptt=10, hard_gates="if")
+    base = lm_perplexity(g2quant.quantize(m, bits=16, hard_gates="if"), torch.as_tensor(tokens), batch_size=4,
+                         bptt=10)["loss"]
+    assert s["base_loss"] == base and s["hard_gates"] == "if" and s["base_loss"] != soft["base_loss"]
+    assert s["delta"]["rnn.weight_hh_l0"]["2"] != soft["delta"]["rnn.weight_hh_l0"]["2"]
+
+
 def test_allocation_fits_the_budget_exactly_as_the_target_stores_it(lm_and_sens, tmp_path):
     m, s = lm_and_sens
     smallest = g2quant.quantize(m, bits="binary").size_bytes()
