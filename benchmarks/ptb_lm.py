@@ -97,6 +97,28 @@ def cmd_train(args) -> int:
     return 0
 
 
+def plot_curves(rows: list[dict], dest: Path) -> None:
+    """Validation perplexity by epoch of every run, one panel per schedule length: the evidence
+    behind the float comparison."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    lengths = sorted({r["epochs"] for r in rows})
+    fig, axes = plt.subplots(1, len(lengths), figsize=(6 * len(lengths), 4.2), squeeze=False)
+    for ax, n in zip(axes[0], lengths):
+        for r in (r for r in rows if r["epochs"] == n):
+            h = r["history"]
+            ax.plot([e["epoch"] for e in h], [e["valid_ppl"] for e in h], marker="o", ms=3,
+                    label=f"{r['model']} (test {r['test_ppl']:.1f})")
+        ax.set(title=f"PTB small, {n} epochs", xlabel="epoch", ylabel="valid perplexity", yscale="log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(dest, dpi=110)
+    plt.close(fig)
+
+
 def cmd_collect(args) -> int:
     found = False
     for cell, dest_name in (("lstm", "ptb_small.json"), ("gru", "ptb_small_gru.json")):
@@ -132,6 +154,7 @@ def cmd_collect(args) -> int:
                   " | ".join(f"{r[f'test_ppl_hard_{h}']:.1f}" for h in hard) +
                   f" | {a['below_0.1']:.0%} / {a['above_0.9']:.0%} | {b['below_0.1']:.0%} / {b['above_0.9']:.0%} | "
                   f"{r['train_seconds_total'] / 60:.0f} min ({r['threads']} thread) |")
+        plot_curves(rows, ROOT / "docs" / "img" / f"ptb_curves{'' if cell == 'lstm' else '_gru'}.png")
         print(f"\nwrote {dest}\n")
     if not found:
         print(f"no results under {args.out}; run `train` first", file=sys.stderr)

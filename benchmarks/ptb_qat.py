@@ -26,20 +26,10 @@ from pathlib import Path
 
 import torch
 
+from g2quant.cli import _bits_arg
+
 ROOT = Path(__file__).resolve().parent.parent
 GOALS = {"4": 0.01, "2": 0.08, "ternary": 0.10}     # relative to the float model with the same hard gates
-
-
-def _width(text: str):
-    if text in ("binary", "ternary"):
-        return text
-    try:
-        w = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"width {text!r} is not 2..8, binary or ternary") from None
-    if not 2 <= w <= 8:
-        raise argparse.ArgumentTypeError(f"width {w} is not in 2..8")
-    return w
 
 
 def cmd_run(args) -> int:
@@ -131,7 +121,7 @@ def main(argv=None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run")
     r.add_argument("--model", required=True, help="run folder under --ckpts (benchmarks/ptb_lm.py --name)")
-    r.add_argument("--widths", type=lambda s: [_width(x) for x in s.split(",")], default=[2, "ternary", 4, "binary"])
+    r.add_argument("--widths", type=lambda s: [_bits_arg(x) for x in s.split(",")], default=[2, "ternary", 4, "binary"])
     r.add_argument("--hard-gates", default="if")
     r.add_argument("--epochs", type=int, default=2)
     r.add_argument("--max-batches", type=int, default=None, help="per epoch (default: the whole corpus)")
