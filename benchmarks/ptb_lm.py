@@ -9,6 +9,13 @@ Same seed, schedule and epochs for all three: SGD lr 20 on the per-token mean lo
 the loss summed over 20 steps), clip 0.25, batch 20, bptt 20. Zaremba et al. train 13 epochs
 (x0.5 per epoch after epoch 4); on this 2-core machine the default is a compressed schedule of
 6 epochs, x0.5 per epoch after epoch 2 (--epochs 13 --decay-after 4 gives the original). Test perplexity: batch 10, bptt 35, hidden state carried across batches.
+
+The full Zaremba schedule with dropout 0.25 and the authors' noise probability (the accuracy issue):
+    G2QUANT_DATA=../shared/data python benchmarks/ptb_lm.py train --model g2-drop --name g2-drop-z13 \
+        --epochs 13 --decay-after 4
+(--name: the run folder, so runs of one preset on several schedules sit side by side; rerunning
+the same command resumes it.) `collect` gathers every run folder under --out and plots the
+validation curves of each schedule (docs/img/ptb_curves.png).
 """
 from __future__ import annotations
 
