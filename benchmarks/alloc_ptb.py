@@ -82,6 +82,8 @@ def main(argv=None) -> int:
     ap.add_argument("--gate", action="store_true", help="also allocate at LSTM gate-block granularity (analysis)")
     ap.add_argument("--qat-batches", type=int, default=0, help="QAT comparison at the 3-bit size (0: skip)")
     ap.add_argument("--qat-lr", type=float, default=2.0)
+    ap.add_argument("--reuse", action="store_true", help="reuse the sensitivity tables (and the QAT rows, where the "
+                    "allocations are unchanged) of this checkpoint's row in --out")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/alloc_ptb.json"))
     args = ap.parse_args(argv)
@@ -98,6 +100,7 @@ def main(argv=None) -> int:
     corpus = load_ptb(None)
     command = "python benchmarks/alloc_ptb.py " + " ".join(argv if argv is not None else sys.argv[1:])
     rows = []
+    earlier = json.loads(Path(args.out).read_text()).get("models", []) if Path(args.out).exists() else []
 
     def save():
         out = {"benchmark": "alloc_ptb", "command": command, "when": time.strftime("%Y-%m-%d %H:%M"),
@@ -112,9 +115,14 @@ def main(argv=None) -> int:
         cell = getattr(model.config, "cell", "lstm")
         hard = args.hard_gates if args.hard_gates is not None else ("if" if cell == "lstm" else "rz")
         model.eval()
+        prev = next((r for r in earlier if r.get("model") == name and r["sensitivity"].get("hard_gates") == hard
+                     and r["sensitivity"].get("calib_tokens") == args.calib_tokens), None) if args.reuse else None
         t0 = time.perf_counter()
-        sens = sensitivity(model, corpus.valid[:args.calib_tokens], hard_gates=hard)
-        sens_s = time.perf_counter() - t0
+        if prev is not None:                 # the measured tables of an earlier run of this checkpoint
+            sens, sens_s = prev["sensitivity"], prev["sensitivity_seconds"]
+        else:
+            sens = sensitivity(model, corpus.valid[:args.calib_tokens], hard_gates=hard)
+            sens_s = time.perf_counter() - t0
         print(f"{name}: sensitivity of {len(sens['blocks'])} matrices x {len(sens['widths'])} widths in {sens_s:.0f} s",
               flush=True)
         uniform = {}
@@ -145,8 +153,11 @@ def main(argv=None) -> int:
         save()
         if args.gate and cell == "lstm":
             t0 = time.perf_counter()
-            gsens = sensitivity(model, corpus.valid[:args.calib_tokens], hard_gates=hard, granularity="gate")
-            g_s = time.perf_counter() - t0
+            if prev is not None and "gate" in prev:
+                gsens, g_s = prev["gate"]["sensitivity"], prev["gate"]["sensitivity_seconds"]
+            else:
+                gsens = sensitivity(model, corpus.valid[:args.calib_tokens], hard_gates=hard, granularity="gate")
+                g_s = time.perf_counter() - t0
             gpoints = []
             for f, budget in budgets.items():
                 t1 = time.perf_counter()
@@ -158,6 +169,12 @@ def main(argv=None) -> int:
                 print(f"  gate blocks, ~{2 + 2 * f:.1f} bits: mean bits " +
                       ", ".join(f"{k} {v:.2f}" for k, v in gpoints[-1]["mean_bits_by_gate"].items()), flush=True)
             row["gate"] = {"sensitivity": gsens, "sensitivity_seconds": g_s, "points": gpoints}
+            save()
+        old_qat = (prev or {}).get("qat")
+        if old_qat and not args.qat_batches and next((p for p in prev["mixed"] if p["avg_bits_equivalent"] == 3.0),
+                                                     {}).get("widths") == allocs[0.5].widths \
+                and next((p for p in prev["mixed"] if p["avg_bits_equivalent"] == 2.0), {}).get("widths") == allocs[0.0].widths:
+            row["qat"] = old_qat             # the same allocations: the earlier QAT rows still describe them
             save()
         if args.qat_batches:
             qat = {"batches": args.qat_batches, "lr": args.qat_lr, "rows": {}}

@@ -247,6 +247,26 @@ class Allocation:
             raise ValueError(f"{path}: not an allocation written by g2quant allocate ({exc})") from None
 
 
+def _precision(width) -> float:
+    return {"binary": 1.0, "ternary": 1.58}.get(str(width)) or float(width)
+
+
+TIE = 1e-9     # per step of precision: among allocations equal within measurement, the wider wins
+
+
+def effective_sensitivity(delta: dict) -> dict:
+    """A block's measured loss increases as the solver uses them: a negative increase is measurement
+    noise (0); a wider width is never taken as worse than a narrower one (running minimum from the
+    narrowest); and ties go to the wider width by a margin far below any measured difference — else
+    a budget with room to spare would stop at the narrowest allocation that measures as lossless."""
+    order = sorted(delta, key=_precision)                      # narrowest first
+    out, running = {}, math.inf
+    for rank, w in enumerate(order):
+        running = min(running, max(0.0, float(delta[w])))
+        out[w] = running + TIE * (len(order) - 1 - rank)
+    return out
+
+
 def allocate(model: nn.Module, calib_tokens=None, *, budget=None, target: str = "cpu", widths=WIDTHS,
              sens: dict | None = None, latency_profile=None, keep_float: tuple = (), **sens_kw) -> Allocation:
     """Choose a width per block minimizing the summed sensitivity under ``budget`` (bytes, or a
@@ -267,12 +287,12 @@ def allocate(model: nn.Module, calib_tokens=None, *, budget=None, target: str = 
         options: dict = {}
         for b in blocks:
             opts = {}
-            for w, d in sens["delta"][b["name"]].items():
+            for w, d in effective_sensitivity(sens["delta"][b["name"]]).items():
                 if kind == "bytes":
                     cost = block_bytes(b, w, target)
                 else:                   # an embedding's row read is in the profile's token overhead
                     cost = 0.0 if b["kind"] == "embedding" else latency_profile.seconds(shape_of(b), w, working_set)
-                opts[w] = (float(cost), max(0.0, float(d)))      # a negative increase is measurement noise
+                opts[w] = (float(cost), d)
             options[b["name"]] = opts
         return options
 

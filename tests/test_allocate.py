@@ -226,3 +226,18 @@ def test_streaming_term_prices_the_working_set_and_the_allocator_uses_it(lm_and_
     assert tight.widths != roomy.widths
     with pytest.raises(ValueError, match="no allocation fits the latency budget"):
         allocate(model, sens=sens, budget=f"{narrowest * 0.9e6:.4f}us", latency_profile=slow)
+
+
+def test_room_in_the_budget_goes_to_wider_widths_when_measurements_tie():
+    """Blocks that measure as lossless at several widths (noise, or negative increases) get the
+    widest the budget allows, not the narrowest; a narrower width never counts as better."""
+    from g2quant.allocate import effective_sensitivity
+    eff = effective_sensitivity({"8": 0.001, "4": -0.002, "2": 0.0, "binary": 0.5})
+    assert eff["8"] < eff["4"] < eff["2"] < eff["binary"]               # ties broken toward wider
+    assert eff["4"] - 0.0 < 1e-6 and abs(eff["8"] - eff["4"]) < 1e-6    # 8 is taken as good as 4 (running min)
+    blocks = [{"name": f"b{i}", "param": f"b{i}", "rows": [0, 64], "cols": 64, "kind": "linear"} for i in range(3)]
+    sens = {"blocks": blocks, "delta": {b["name"]: {"8": 0.0, "4": 0.0, "2": 0.0} for b in blocks}}
+    m = torch.nn.Linear(4, 4)
+    for budget, want in ((3 * 64 * 64 * 1.0 + 3 * 64 * 4, "8"), (3 * 64 * 64 * 0.5 + 3 * 64 * 4, "4")):
+        a = allocate(m, sens=sens, budget=budget * 1.0)
+        assert set(a.widths.values()) == {want}, (budget, a.widths)
