@@ -247,10 +247,6 @@ class Allocation:
             raise ValueError(f"{path}: not an allocation written by g2quant allocate ({exc})") from None
 
 
-def _precision(width) -> float:
-    return {"binary": 1.0, "ternary": 1.58}.get(str(width)) or float(width)
-
-
 TIE = 1e-9     # per step of precision: among allocations equal within measurement, the wider wins
 
 
@@ -259,7 +255,8 @@ def effective_sensitivity(delta: dict) -> dict:
     noise (0); a wider width is never taken as worse than a narrower one (running minimum from the
     narrowest); and ties go to the wider width by a margin far below any measured difference — else
     a budget with room to spare would stop at the narrowest allocation that measures as lossless."""
-    order = sorted(delta, key=_precision)                      # narrowest first
+    from .report import _declared_bits
+    order = sorted(delta, key=_declared_bits)                  # narrowest first
     out, running = {}, math.inf
     for rank, w in enumerate(order):
         running = min(running, max(0.0, float(delta[w])))

@@ -111,18 +111,14 @@ def cmd_allocate(args) -> int:
             profile = load_profile(args.profile, progress=lambda s: say(args, "profile: " + s))
         except ValueError as exc:
             raise CLIError(str(exc)) from None
-    inner = model
-    for m in inner.modules():
-        if hasattr(m, "hard_gates"):
-            m.hard_gates = frozenset(set(args.hard_gates) & set("ifo"))
     say(args, f"measuring sensitivities ({args.granularity} blocks x {len(widths)} widths on {args.calib_tokens:,} "
               "validation tokens)")
     t0 = time.perf_counter()
     sens = sensitivity(model, corpus.valid[:args.calib_tokens], widths=widths, granularity=args.granularity,
-                       progress=lambda i, n: say(args, f"  block {i}/{n}"))
+                       hard_gates=args.hard_gates, progress=lambda i, n: say(args, f"  block {i}/{n}"))
     (out / "sensitivity.json").write_text(json.dumps(sens, indent=1))
     matrix_sens = sens if args.granularity == "matrix" else sensitivity(
-        model, corpus.valid[:args.calib_tokens], widths=widths, granularity="matrix")
+        model, corpus.valid[:args.calib_tokens], widths=widths, granularity="matrix", hard_gates=args.hard_gates)
     try:
         a = allocate(model, sens=matrix_sens, budget=args.budget, target=args.target, latency_profile=profile)
     except ValueError as exc:
