@@ -14,7 +14,10 @@ The full Zaremba schedule with dropout 0.25 and the authors' noise probability (
     G2QUANT_DATA=../shared/data python benchmarks/ptb_lm.py train --model g2-drop --name g2-drop-z13 \
         --epochs 13 --decay-after 4
 (--name: the run folder, so runs of one preset on several schedules sit side by side; rerunning
-the same command resumes it.) `collect` gathers every run folder under --out and plots the
+the same command resumes it.) G2 started from the baseline, as the authors do for translation:
+    ... train --model baseline-drop --name baseline-drop-e4 --epochs 4 --decay-after 4
+    ... train --model g2-drop-p1 --name g2-from-baseline-e4 --epochs 13 --decay-after 4 \
+        --init-from runs/ptb_small/baseline-drop-e4/last.safetensors `collect` gathers every run folder under --out and plots the
 validation curves of each schedule (docs/img/ptb_curves.png).
 """
 from __future__ import annotations
@@ -91,10 +94,14 @@ def cmd_train(args) -> int:
     model = WordLM(LMConfig.preset("small", vocab_size=len(corpus.vocab), **MODELS[args.model]))
     t0 = time.time()
     resume = (out / "last.safetensors").exists()
-    r = train_lm(model, corpus.train, corpus.valid, tcfg, out, resume=resume, progress=not args.quiet)
+    r = train_lm(model, corpus.train, corpus.valid, tcfg, out, resume=resume, progress=not args.quiet,
+                 init_from=args.init_from)
     wall = time.time() - t0
     res = evaluate_model(name, out / "best.safetensors", corpus, ROOT / "docs" / "img")
     res["preset"] = args.model
+    init = [h for h in r.history if h.get("init")]
+    if init:
+        res["init_from"] = {"path": str(args.init_from) if args.init_from else "(resumed)", "epochs": len(init)}
     res["train_wall_seconds_this_run"] = wall
     res["train_seconds_total"] = sum(h["seconds"] for h in r.history)
     res["threads"] = args.threads
@@ -178,6 +185,9 @@ def main(argv=None) -> int:
     t.add_argument("--epochs", type=int, default=6)
     t.add_argument("--decay-after", type=int, default=2)
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--init-from", default=None, metavar="LAST",
+                   help="start from another run's last.safetensors (e.g. the baseline after 4 epochs) and go on "
+                        "with this model's gates on the same schedule")
     t.add_argument("--threads", type=int, default=1)
     t.add_argument("--quiet", action="store_true")
     c = sub.add_parser("collect")

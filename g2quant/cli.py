@@ -126,7 +126,7 @@ def cmd_train_lm(args) -> int:
     try:
         result = train_lm(model, corpus.train, corpus.valid, tcfg, args.out, resume=args.resume,
                           progress=show_progress(args), record_extra={"data": args.data},
-                          log=lambda s: say(args, s))
+                          log=lambda s: say(args, s), init_from=args.init_from)
     except FileNotFoundError as exc:
         raise CLIError(str(exc)) from None
     print(f"best valid ppl {result.best_valid_ppl:.2f}; checkpoints in {args.out}")
@@ -428,6 +428,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--bptt", type=_positive_int, default=20, help="truncated BPTT length")
     t.add_argument("--clip", type=_positive_float, default=0.25, help="gradient norm clip")
     t.add_argument("--max-batches", type=_positive_int, default=None, help="cap batches per epoch")
+    t.add_argument("--init-from", default=None, metavar="LAST",
+                   help="start a new run from another run's last.safetensors on the same corpus (e.g. a baseline "
+                        "after 4 epochs) and go on with this model's gates on the same schedule")
     run_folder(t)
     data(t)
     threads(t)

@@ -137,7 +137,8 @@ def _distill_loss(logits, teacher_logits, T: float):
 
 def train_lm(model: nn.Module, train_data, valid_data, tcfg: TrainConfig, out_dir: str | os.PathLike, *,
              resume: bool = False, progress: bool = True, kind: str = "word_lm",
-             record_extra: dict | None = None, log=print, teacher: nn.Module | None = None) -> TrainResult:
+             record_extra: dict | None = None, log=print, teacher: nn.Module | None = None,
+             init_from: str | os.PathLike | None = None) -> TrainResult:
     """Train ``model`` (``forward(tokens [T,B], hidden) -> (logits, hidden)``) on a token stream.
 
     Writes ``out_dir/last.safetensors`` after every epoch and ``out_dir/best.safetensors`` when
@@ -153,6 +154,14 @@ def train_lm(model: nn.Module, train_data, valid_data, tcfg: TrainConfig, out_di
     across ranks before clipping and the update, so a step equals one single-process step on the
     N ranks' batches side by side. Rank 0 evaluates, writes the checkpoints and the history (which
     record ``world_size``); the others wait for it.
+
+    ``init_from`` (a ``last.safetensors`` of another run on the same corpus, e.g. a float baseline
+    after 4 epochs): when ``out_dir`` holds no run yet, start from that run's weights and epoch
+    count and go on training *this* model on the same schedule (its own gates: the G2 authors'
+    recipe turns Gumbel gates on in a pretrained model), so both continuations have the same
+    total epochs. The inherited epochs stay in the history (``"init": true``); ``best`` is chosen
+    among this run's epochs only. With ``resume`` and a checkpoint in ``out_dir`` the run resumes
+    and ``init_from`` is not used again. A stateful optimizer (Adam, momentum) starts afresh.
     """
     rank, world = distributed()
     if world > 1 and tcfg.time_budget:
@@ -166,6 +175,31 @@ def train_lm(model: nn.Module, train_data, valid_data, tcfg: TrainConfig, out_di
     extra = {**dict(record_extra or {}), "world_size": world}
     result = TrainResult(checkpoint=str(last))
     start_epoch = 0
+    initialize = init_from is not None and not (resume and last.exists())
+    if init_from is not None and not initialize:
+        log(f"{last} exists: resuming it (--init-from applies only to a new run)")
+    if initialize:
+        src = Path(init_from)
+        if not src.is_file():
+            raise FileNotFoundError(f"--init-from: no checkpoint at {src}")
+        state, rec = load_checkpoint(src)
+        try:
+            model.load_state_dict(state)
+            start_epoch = int(rec["epoch"]) + 1
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(f"{src} cannot start this model (another preset, vocabulary or a damaged "
+                                  f"checkpoint; --init-from needs a run's last.safetensors): "
+                                  f"{str(exc).splitlines()[0]}") from None
+        if rec.get("data") != extra.get("data", rec.get("data")):
+            raise CheckpointError(f"{src} was trained on {rec.get('data')!r}, this run is on {extra.get('data')!r}")
+        result.history = [{**h, "init": True} for h in rec.get("history", [])]
+        extra["init_from"] = {"path": str(src), "epochs": start_epoch, "kind": rec.get("kind"),
+                              "config": rec.get("config")}
+        log(f"starting from {src} ({start_epoch} epoch(s) done there)")
+        if start_epoch >= tcfg.epochs:
+            raise CheckpointError(f"--init-from {src} has done {start_epoch} epoch(s), as many as --epochs "
+                             f"{tcfg.epochs}: nothing would be trained")
+        resume = False
     if resume:
         if not last.exists():
             raise FileNotFoundError(f"--resume: no checkpoint at {last} (start without --resume)")
@@ -175,7 +209,10 @@ def train_lm(model: nn.Module, train_data, valid_data, tcfg: TrainConfig, out_di
             model.load_state_dict(state)
             start_epoch = int(rec["epoch"]) + 1
             result.history = list(rec.get("history", []))
-            result.best_valid_ppl = min([float(h["valid_ppl"]) for h in result.history] or [math.inf])
+            result.best_valid_ppl = min([float(h["valid_ppl"]) for h in result.history if not h.get("init")]
+                                        or [math.inf])
+            if rec.get("init_from"):
+                extra["init_from"] = rec["init_from"]
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
             raise CheckpointError(f"{last} cannot be resumed with this model and settings (another preset, "
                                   f"data or a damaged checkpoint): {str(exc).splitlines()[0]}") from None

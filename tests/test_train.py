@@ -19,7 +19,7 @@ def corpus():
 
 def _model(corpus, **kw):
     torch.manual_seed(0)
-    return WordLM(LMConfig(vocab_size=len(corpus.vocab), emb_size=24, hidden_size=24, gates="gumbel", **kw))
+    return WordLM(LMConfig(vocab_size=len(corpus.vocab), emb_size=24, hidden_size=24, **{"gates": "gumbel", **kw}))
 
 
 TCFG = TrainConfig(epochs=2, lr=10.0, batch_size=10, bptt=10, max_batches=60, decay_after=10)
@@ -70,6 +70,57 @@ def test_resume_continues_where_it_stopped(corpus, tmp_path, opt):
         torch.testing.assert_close(b, a, msg=k, atol=0, rtol=0)     # exact: the optimizer state came back
     saved = sorted(p.name for p in (tmp_path / "part").glob("optim.e*.safetensors"))
     assert saved == ([] if not opt else ["optim.e1.safetensors"])   # only the last epoch's state is kept
+
+
+def test_init_from_continues_another_runs_schedule(corpus, tmp_path):
+    """A run started from another run's epoch-1 checkpoint equals the uninterrupted run exactly (same
+    gates), inherits its epochs in the history, picks its best among its own epochs only, and resumes."""
+    sig = dict(gates="sigmoid")
+    full = _model(corpus, **sig)
+    train_lm(full, corpus.train, corpus.valid, TCFG, tmp_path / "full", progress=False, log=lambda s: None)
+    one = TrainConfig(**{**TCFG.__dict__, "epochs": 1})
+    train_lm(_model(corpus, **sig), corpus.train, corpus.valid, one, tmp_path / "base", progress=False,
+             log=lambda s: None)
+    cont = _model(corpus, **sig)
+    r = train_lm(cont, corpus.train, corpus.valid, TCFG, tmp_path / "cont", progress=False, log=lambda s: None,
+                 init_from=tmp_path / "base" / "last.safetensors")
+    for (k, a), (_, b) in zip(full.state_dict().items(), cont.state_dict().items()):
+        torch.testing.assert_close(b, a, msg=k, atol=0, rtol=0)
+    assert [(h["epoch"], h.get("init", False)) for h in r.history] == [(1, True), (2, False)]
+    assert r.best_valid_ppl == r.history[1]["valid_ppl"]      # not the inherited epoch's, even if lower
+    rec = load_checkpoint(tmp_path / "cont" / "last.safetensors")[1]
+    assert rec["init_from"]["epochs"] == 1 and rec["init_from"]["config"]["gates"] == "sigmoid"
+
+    # G2 gates on the baseline's weights; a resume of that run keeps the record and ignores init_from
+    g2 = _model(corpus)
+    two = TrainConfig(**{**TCFG.__dict__, "epochs": 2})
+    train_lm(g2, corpus.train, corpus.valid, two, tmp_path / "g2", progress=False, log=lambda s: None,
+             init_from=tmp_path / "base" / "last.safetensors")
+    logs = []
+    r = train_lm(_model(corpus), corpus.train, corpus.valid, TrainConfig(**{**TCFG.__dict__, "epochs": 3}),
+                 tmp_path / "g2", resume=True, progress=False, log=logs.append,
+                 init_from=tmp_path / "base" / "last.safetensors")
+    assert any("resuming it" in s for s in logs) and [h["epoch"] for h in r.history] == [1, 2, 3]
+    assert load_checkpoint(tmp_path / "g2" / "last.safetensors")[1]["init_from"]["epochs"] == 1
+    assert load_checkpoint(tmp_path / "g2" / "last.safetensors")[1]["config"]["gates"] == "gumbel"
+
+
+def test_init_from_refuses_bad_starts(corpus, tmp_path):
+    one = TrainConfig(**{**TCFG.__dict__, "epochs": 1})
+    train_lm(_model(corpus), corpus.train, corpus.valid, one, tmp_path / "base", progress=False, log=lambda s: None)
+    src = tmp_path / "base" / "last.safetensors"
+    with pytest.raises(CheckpointError, match="has done 1 epoch.*nothing would be trained"):
+        train_lm(_model(corpus), corpus.train, corpus.valid, one, tmp_path / "a", progress=False,
+                 log=lambda s: None, init_from=src)
+    torch.manual_seed(0)
+    wider = WordLM(LMConfig(vocab_size=len(corpus.vocab), emb_size=32, hidden_size=32, gates="gumbel"))
+    with pytest.raises(CheckpointError, match="cannot start this model"):
+        train_lm(wider, corpus.train, corpus.valid, TCFG, tmp_path / "b", progress=False, log=lambda s: None,
+                 init_from=src)
+    with pytest.raises(FileNotFoundError, match="--init-from: no checkpoint"):
+        train_lm(_model(corpus), corpus.train, corpus.valid, TCFG, tmp_path / "c", progress=False,
+                 log=lambda s: None, init_from=tmp_path / "nope.safetensors")
+    assert not (tmp_path / "b" / "last.safetensors").exists()
 
 
 def test_resume_without_optimizer_state_refuses(corpus, tmp_path):
@@ -133,7 +184,7 @@ def test_train_config_validation():
 def test_cli_train_eval_resume(tmp_path, capsys):
     out = tmp_path / "run"
     args = ["train-lm", "--data", "synthetic", "--preset", "tiny", "--epochs", "1", "--max-batches", "20",
-            "--batch-size", "8", "--bptt", "8", "--out", str(out), "--quiet", "--threads", "1"]
+            "--batch-size", "8", "--bptt", "8", "--out", str(out), "--quiet", "--threads", "1", "--gates", "sigmoid"]
     assert main(args) == 0
     assert main(["eval-lm", str(out), "--data", "synthetic", "--split", "valid", "--quiet", "--hard-gates", "if"]) == 0
     text = capsys.readouterr().out
@@ -141,12 +192,20 @@ def test_cli_train_eval_resume(tmp_path, capsys):
     args[args.index("--epochs") + 1] = "2"
     assert main([a for a in args if a != "--quiet"] + ["--resume"]) == 0
     assert "resumed from" in capsys.readouterr().err
+    # G2 gates started from that sigmoid run's 2 epochs, on to a 3rd
+    g2 = [a if a != str(out) else str(tmp_path / "g2") for a in args]
+    g2[g2.index("--epochs") + 1] = "3"
+    assert main(g2 + ["--gates", "gumbel", "--init-from", str(out / "last.safetensors")]) == 0
+    hist = json.loads((tmp_path / "g2" / "history.json").read_text())
+    assert [h.get("init", False) for h in hist] == [True, True, False]
 
 
 @pytest.mark.parametrize("argv,code,message", [
     (["train-lm", "--epochs", "0", "--out", "x"], 2, "expected a positive integer"),
     (["train-lm", "--gates", "binary", "--out", "x"], 2, "invalid choice"),
     (["train-lm", "--data", "synthetic", "--preset", "tiny", "--out", "{tmp}/r", "--resume"], 2, "no checkpoint"),
+    (["train-lm", "--data", "synthetic", "--preset", "tiny", "--out", "{tmp}/r", "--init-from", "{tmp}/no.safetensors"],
+     2, "--init-from: no checkpoint"),
     (["eval-lm", "{tmp}/missing", "--data", "synthetic"], 2, "does not exist"),
     (["eval-lm", "x", "--hard-gates", "ix"], 2, "--hard-gates: may contain only"),
     (["train-lm", "--data", "ptb", "--data-dir", "{tmp}/nodata", "--out", "x"], 2, "does not exist"),
