@@ -122,8 +122,14 @@ def plot_curves(rows: list[dict], dest: Path) -> None:
     for ax, n in zip(axes[0], lengths):
         for r in (r for r in rows if r["epochs"] == n):
             h = r["history"]
-            ax.plot([e["epoch"] for e in h], [e["valid_ppl"] for e in h], marker="o", ms=3,
-                    label=f"{r['model']} (test {r['test_ppl']:.1f})")
+            own = [e for e in h if not e.get("init")]
+            start = f", from epoch {len(h) - len(own)} of another run" if len(own) < len(h) else ""
+            line, = ax.plot([e["epoch"] for e in own], [e["valid_ppl"] for e in own], marker="o", ms=3,
+                            label=f"{r['model']} (test {r['test_ppl']:.1f}{start})")
+            if start:      # the inherited epochs, thin and dashed, joined to the run's own
+                joined = [e for e in h if e.get("init")] + own[:1]
+                ax.plot([e["epoch"] for e in joined], [e["valid_ppl"] for e in joined], ls="--", lw=0.8,
+                        color=line.get_color())
         ax.set(title=f"PTB small, {n} epochs", xlabel="epoch", ylabel="valid perplexity", yscale="log")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
