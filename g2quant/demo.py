@@ -34,6 +34,7 @@ def run_demo(out_dir="g2quant-demo", seconds: float = 60.0, data: str = "auto", 
 
     from .evaluate import lm_perplexity
     from .models import LMConfig, WordLM
+    from .defaults import RECOMMENDED_NOISE_P
     from .nn import GateRecorder
     from .train import TrainConfig, train_lm
 
@@ -43,10 +44,12 @@ def run_demo(out_dir="g2quant-demo", seconds: float = 60.0, data: str = "auto", 
     name, corpus = _pick_corpus(data, data_dir)
     valid = corpus.valid[:20_000]
     if name == "ptb":
-        cfg = LMConfig.preset("small", vocab_size=len(corpus.vocab), gates="gumbel")
+        # train-lm's noise p; no dropout: a one-minute run is far from overfitting
+        cfg = LMConfig.preset("small", vocab_size=len(corpus.vocab), gates="gumbel", noise_p=RECOMMENDED_NOISE_P)
         tcfg = TrainConfig(epochs=1, time_budget=seconds)
     else:
-        cfg = LMConfig(vocab_size=len(corpus.vocab), emb_size=64, hidden_size=64, num_layers=2, gates="gumbel")
+        cfg = LMConfig(vocab_size=len(corpus.vocab), emb_size=64, hidden_size=64, num_layers=2, gates="gumbel",
+                       noise_p=RECOMMENDED_NOISE_P)
         tcfg = TrainConfig(epochs=50, lr=10.0, decay_after=50, time_budget=seconds)
     torch.manual_seed(0)
     model = WordLM(cfg)

@@ -7,6 +7,7 @@ import torch
 from g2quant.checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
 from g2quant.cli import main
 from g2quant.data.synthetic import synthetic_corpus
+from g2quant.defaults import RECOMMENDED_DROPOUT, RECOMMENDED_NOISE_P
 from g2quant.evaluate import lm_perplexity
 from g2quant.models import LMConfig, WordLM
 from g2quant.train import TrainConfig, train_lm
@@ -198,6 +199,18 @@ def test_cli_train_eval_resume(tmp_path, capsys):
     assert main(g2 + ["--gates", "gumbel", "--init-from", str(out / "last.safetensors")]) == 0
     hist = json.loads((tmp_path / "g2" / "history.json").read_text())
     assert [h.get("init", False) for h in hist] == [True, True, False]
+    # no --noise-p: the measured default (docs/results.md §9), not the paper's p = 1
+    assert load_model(tmp_path / "g2" / "last.safetensors")[1]["config"]["noise_p"] == RECOMMENDED_NOISE_P == 0.2
+
+
+def test_cli_train_lm_small_defaults_to_measured_dropout(tmp_path):
+    """The "small" preset is Zaremba's, without dropout; train-lm adds the 0.25 measured best, unless told."""
+    base = ["train-lm", "--data", "synthetic", "--preset", "small", "--epochs", "1", "--max-batches", "1",
+            "--batch-size", "4", "--bptt", "4", "--quiet", "--threads", "1"]
+    assert main(base + ["--out", str(tmp_path / "a")]) == 0
+    assert main(base + ["--out", str(tmp_path / "b"), "--dropout", "0"]) == 0
+    assert load_model(tmp_path / "a" / "last.safetensors")[1]["config"]["dropout"] == RECOMMENDED_DROPOUT["small"] == 0.25
+    assert load_model(tmp_path / "b" / "last.safetensors")[1]["config"]["dropout"] == 0.0
 
 
 @pytest.mark.parametrize("argv,code,message", [
