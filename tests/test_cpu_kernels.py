@@ -376,6 +376,17 @@ def test_isa_names_and_ids():
         isa.loop_name(len(isa.LOOPS))
 
 
+def test_cpu_model_tells_generic_vm_names_apart():
+    zen1 = "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 23\nmodel\t\t: 1\nmodel name\t: AMD EPYC\n"
+    zen4 = zen1.replace(": 23", ": 25").replace("model\t\t: 1", "model\t\t: 17")
+    assert isa.cpu_model(zen1) == "AMD EPYC (family 23, model 1)"
+    assert isa.cpu_model(zen4) == "AMD EPYC (family 25, model 17)"
+    named = "cpu family\t: 6\nmodel\t\t: 143\nmodel name\t: Intel(R) Xeon(R) Platinum 8480+\n"
+    assert isa.cpu_model(named) == "Intel(R) Xeon(R) Platinum 8480+"      # a real model number: as it is
+    assert isa.cpu_model(named + "\nprocessor\t: 1\nmodel name\t: other\n").endswith("8480+")   # the first CPU's
+    assert isa.cpu_model("")                                              # no cpuinfo: platform's answer
+
+
 def test_host_loops_follow_the_features():
     loops, feats = isa.host_loops(), isa.host_features()
     assert loops[-1] == "portable" and len(set(loops)) == len(loops)

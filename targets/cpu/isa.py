@@ -83,16 +83,29 @@ def machine() -> str:
     return {"amd64": "x86_64", "x64": "x86_64", "arm64": "aarch64"}.get(m, m)
 
 
-def cpu_model() -> str:
-    """The CPU's marketing name (``/proc/cpuinfo``; ``platform.processor()`` is empty on Linux)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+def cpu_model(cpuinfo: str | None = None) -> str:
+    """The CPU's marketing name (``/proc/cpuinfo``; ``platform.processor()`` is empty on Linux).
+
+    Where a hypervisor shows only a generic name without a model number (``AMD EPYC``: a Zen 1 with
+    AVX2 and a Zen 4 with AVX-512 look alike), the x86 family and model follow it, e.g. ``AMD EPYC
+    (family 23, model 1)``, so results files tell such machines apart."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:
+            cpuinfo = ""
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() not in fields:      # the first processor's
+            fields[key.strip()] = value.strip()
+    name = fields.get("model name")
+    if not name:
+        return platform.processor() or platform.machine()
+    if not any(ch.isdigit() for ch in name) and "cpu family" in fields and "model" in fields:
+        name += f" (family {fields['cpu family']}, model {fields['model']})"
+    return name
 
 
 def _auxv(kind: int) -> int | None:
