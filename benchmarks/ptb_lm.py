@@ -117,6 +117,7 @@ def plot_curves(rows: list[dict], dest: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import ScalarFormatter
     lengths = sorted({r["epochs"] for r in rows})
     fig, axes = plt.subplots(1, len(lengths), figsize=(6 * len(lengths), 4.2), squeeze=False)
     for ax, n in zip(axes[0], lengths):
@@ -131,6 +132,8 @@ def plot_curves(rows: list[dict], dest: Path) -> None:
                 ax.plot([e["epoch"] for e in joined], [e["valid_ppl"] for e in joined], ls="--", lw=0.8,
                         color=line.get_color())
         ax.set(title=f"PTB small, {n} epochs", xlabel="epoch", ylabel="valid perplexity", yscale="log")
+        ax.yaxis.set_major_formatter(ScalarFormatter())      # 120, 140, … rather than 1.2 x 10^2
+        ax.yaxis.set_minor_formatter(ScalarFormatter())
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
